@@ -1,0 +1,764 @@
+"""Benchmark castor against huey's SqliteHuey (SPEC section 8).
+
+Run it from the repository root with the project's virtualenv (castor, beaver-db
+and huey installed; ``pip install -e '.[bench]'``):
+
+    python bench/bench.py            # full run, a few minutes on 2 cores
+    python bench/bench.py --quick    # smoke run, under a minute
+    python bench/bench.py --tasks 10000 --full 50000 --repeats 5
+    python bench/bench.py --profile  # also profile castor's worker while it drains
+
+It benchmarks the ``castor.py`` next to this directory (not an installed copy):
+the worker subprocesses get the repository on PYTHONPATH.
+
+Castor and huey run one after the other on the same machine and the same work,
+each in a fresh temporary directory holding a generated task module
+(``benchtasks.py`` for castor, ``benchhuey.py`` for huey) and its database. The
+task is a no-op that returns ``time.time()``: a non-None result, so huey stores
+it as castor does, and a timestamp of when it ran.
+
+Workers are real subprocesses started like a user would:
+
+    castor:  python -m castor --workers 1 --threads 4 benchtasks:manager
+    huey:    huey_consumer benchhuey.huey -w 4 -k thread -d 0.001 -m 0.05
+             (run as python -m huey.bin.huey_consumer; huey tuned for speed)
+
+Huey uses ``SqliteHuey(filename=...)`` with its defaults otherwise (results on,
+store_none off, journal_mode wal, fsync None: SQLite's default
+synchronous=FULL; cache_mb 8, timeout 5). Castor's own connections use WAL with
+synchronous=NORMAL (beaver's setting). Client-side, huey's blocking
+``result.get(blocking=True)`` keeps its default polling (0.05 s, x1.15 backoff,
+capped at 1 s); castor's ``join`` polls SQLite's ``PRAGMA data_version``.
+
+How each figure is measured (medians of ``--repeats`` runs where repeated):
+  1. enqueue, single: N calls of ``task.delay()`` / huey's ``task()``, no worker.
+  2. enqueue, bulk: castor ``Task.map`` of N items in one call; huey has no bulk
+     enqueue API, so its figure is its per-call enqueue rate from row 1.
+  3. drain: N tasks enqueued with no worker, then the worker is started. The rate
+     is (N - 1) / (last task's timestamp - first task's timestamp): it excludes
+     interpreter start-up and imports for both. The wall time from spawning the
+     worker until the store shows all N finished is printed too.
+  4. latency: with an idle worker already running (warmed up), N times in a row
+     ``delay()`` then ``join()`` / ``result.get(blocking=True)``; p50 and p99.
+  5. idle CPU: after the latency run and 2 s of settling, utime+stime (and the
+     reaped children's cutime+cstime) of the worker and all its descendants, read
+     from /proc before and after ``--idle`` seconds, as % of one core.
+  6. store size (castor only): the same file with 100,000 finished tasks (written
+     through castor's public ``Manager(db, immediate=True)`` path) against an
+     empty one: single ``delay()`` rate with no worker, then drain rate of
+     batches enqueued with ``.map`` (one transaction) while a worker is running,
+     measured by task timestamps as in row 3. Cost ratio = rate_empty / rate_full.
+  P. process mode: N no-op ``mode="process"`` tasks drained by
+     ``castor --workers 2`` against a warmed ``ProcessPoolExecutor(2)`` running the
+     same function, both by task timestamps; castor's overhead per task is the
+     difference of the wall time per task.
+
+Exit status: 0 when every measurement ran (whatever the verdicts), 1 when one
+could not be completed (its row says ERROR).
+"""
+
+import argparse
+import contextlib
+import importlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # benchmark this checkout's castor.py
+
+HUEY_FLAGS = ["-w", "4", "-k", "thread", "-d", "0.001", "-m", "0.05"]
+CASTOR_FLAGS = ["--workers", "1", "--threads", "4"]
+
+PRESETS = {
+    #           default   quick
+    "enqueue": (1000, 300),      # single .delay calls per repeat
+    "map": (5000, 2000),         # items per .map call
+    "drain": (5000, 1000),       # backlog drained by a freshly started worker
+    "latency": (200, 50),        # sequential delay -> join round trips
+    "idle": (10.0, 3.0),         # seconds of idle worker CPU sampling
+    "full": (100_000, 20_000),   # finished tasks in the "full" store
+    "store_enqueue": (1000, 300),
+    "store_drain": (2000, 1000),
+    "process": (1000, 200),      # no-op process tasks
+    "repeats": (3, 2),
+}
+
+# Targets from SPEC section 8.
+TARGET_ENQUEUE = 1.0     # castor/huey single enqueue rate >= 1x
+TARGET_MAP = 10.0        # castor .map rate / huey per-call rate >= 10x
+TARGET_DRAIN = 3.0       # castor/huey drain rate >= 3x
+TARGET_LATENCY = 0.2     # castor/huey p50 latency <= 0.2x
+TARGET_IDLE = 2.0        # castor idle worker CPU < 2 % of a core
+TARGET_STORE = 1.5       # rate_empty / rate_full <= 1.5
+
+
+class BenchError(Exception):
+    """A measurement that could not be completed (timeout, worker died...)."""
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# Task modules written into each temporary directory ###########################
+
+CASTOR_MODULE = '''
+import os, time
+from beaver import BeaverDB
+from castor import Manager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+manager = Manager(BeaverDB(os.path.join(HERE, "castor.db")))
+
+@manager.task(mode="thread")
+def stamp():
+    """No-op: returns when it ran."""
+    return time.time()
+'''
+
+CASTOR_PROCESS_MODULE = '''
+import os, time
+from beaver import BeaverDB
+from castor import Manager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+manager = Manager(BeaverDB(os.path.join(HERE, "castor.db")))
+
+def plain_stamp():
+    """The same no-op, undecorated, for ProcessPoolExecutor."""
+    return time.time()
+
+@manager.task(mode="process")
+def pstamp():
+    return time.time()
+'''
+
+HUEY_MODULE = '''
+import os, time
+from huey import SqliteHuey
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+huey = SqliteHuey(filename=os.path.join(HERE, "huey.db"))
+
+@huey.task()
+def stamp():
+    """No-op: returns when it ran."""
+    return time.time()
+'''
+
+
+def load_module(name, directory):
+    """Import ``name`` fresh from ``directory`` (the worker imports it by that name)."""
+    sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    sys.path.insert(0, directory)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(directory)
+
+
+# Processes ####################################################################
+
+_LIVE = []  # every Worker started and not yet stopped
+
+
+def _proc_stat(pid):
+    """Fields of /proc/PID/stat after the command name (index 0 is field 3)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return data[data.rindex(b")") + 2:].split()
+
+
+def _descendants(root):
+    """[(pid, starttime)] of every live descendant of ``root``."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = _proc_stat(int(entry))
+                children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
+    found, todo = [], [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), ()):
+            found.append((pid, start))
+            todo.append(pid)
+    return found
+
+
+def tree_cpu_seconds(root):
+    """CPU seconds used by ``root`` and its descendants, reaped ones included."""
+    ticks = 0
+    for pid in [root] + [pid for pid, _ in _descendants(root)]:
+        with contextlib.suppress(OSError):
+            fields = _proc_stat(pid)
+            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # u, s, cu, cs
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Worker:
+    """A worker subprocess in its own process group, always cleaned up."""
+
+    def __init__(self, argv, cwd, log_path, label):
+        self.label, self.log_path = label, log_path
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [REPO, cwd] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(log_path, "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        _LIVE.append(self)
+
+    def check_alive(self):
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.label} worker exited with {self.proc.returncode}; "
+                             f"log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines=15):
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            return b"".join(f.readlines()[-lines:]).decode(errors="replace")
+        return ""
+
+    def stop(self, grace=15.0):
+        """SIGTERM the group, wait, then SIGKILL it and any stray descendant."""
+        if self not in _LIVE:
+            return
+        _LIVE.remove(self)
+        strays = _descendants(self.pid) if self.proc.poll() is None else []
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    log(f"{self.label} worker ignored SIGTERM for {grace:g}s; killing it")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            # Children in sessions of their own (castor's process pool) are
+            # outside the group: kill those still alive, same pid and start time.
+            for pid, start in strays:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if _proc_stat(pid)[19] == start:
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def stop_all_workers():
+    for worker in list(_LIVE):
+        with contextlib.suppress(Exception):
+            worker.stop(grace=5)
+
+
+def wait_until(predicate, timeout, what, worker=None, poll=0.05):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if worker is not None:
+            worker.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(poll)
+
+
+# The two systems behind one interface #########################################
+
+
+class CastorSide:
+    name = "castor"
+
+    def __init__(self, root, tag, module_text=CASTOR_MODULE, module="benchtasks"):
+        self.dir = tempfile.mkdtemp(prefix=f"castor-{tag}-", dir=root)
+        self.module_name = module
+        with open(os.path.join(self.dir, f"{module}.py"), "w") as f:
+            f.write(module_text)
+        self.mod = load_module(module, self.dir)
+        self.manager = self.mod.manager
+        self.manager.counts()  # open the connection and create the schema, untimed
+
+    def command(self, flags=CASTOR_FLAGS):
+        return [sys.executable, "-m", "castor", *flags, f"{self.module_name}:manager"]
+
+    def worker(self, label="castor", flags=CASTOR_FLAGS, argv_prefix=()):
+        return Worker([*argv_prefix, *self.command(flags)], self.dir,
+                      os.path.join(self.dir, f"worker-{time.monotonic_ns()}.log"), label)
+
+    def enqueue_one(self, task=None):
+        return (task or self.mod.stamp).delay()
+
+    def enqueue_backlog(self, n, task=None):
+        return (task or self.mod.stamp).map([()] * n)
+
+    def finished(self):
+        counts = self.manager.counts()
+        return counts["success"] + counts["failed"] + counts["cancelled"]
+
+    def unfinished(self):
+        counts = self.manager.counts()
+        return counts["pending"] + counts["running"]
+
+    def results(self, handles):
+        return [h.join(timeout=30) for h in handles]
+
+    def round_trip(self, timeout):
+        return self.mod.stamp.delay().join(timeout=timeout)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.manager.db.close()
+
+
+class HueySide:
+    name = "huey"
+
+    def __init__(self, root, tag):
+        self.dir = tempfile.mkdtemp(prefix=f"huey-{tag}-", dir=root)
+        with open(os.path.join(self.dir, "benchhuey.py"), "w") as f:
+            f.write(HUEY_MODULE)
+        self.mod = load_module("benchhuey", self.dir)
+        self.huey = self.mod.huey
+
+    @staticmethod
+    def command():
+        return [sys.executable, "-m", "huey.bin.huey_consumer", "benchhuey.huey", *HUEY_FLAGS]
+
+    def worker(self, label="huey"):
+        return Worker(self.command(), self.dir,
+                      os.path.join(self.dir, f"consumer-{time.monotonic_ns()}.log"), label)
+
+    def enqueue_one(self):
+        return self.mod.stamp()
+
+    def enqueue_backlog(self, n):
+        return [self.mod.stamp() for _ in range(n)]  # no bulk API in huey
+
+    def finished(self):
+        return self.huey.storage.result_store_size()
+
+    def results(self, handles):
+        return [h.get(blocking=True, timeout=30, preserve=True) for h in handles]
+
+    def round_trip(self, timeout):
+        return self.mod.stamp().get(blocking=True, timeout=timeout)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.huey.storage.close()
+
+
+# Measurements #################################################################
+
+
+def rate_of(n, fn):
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def measure_enqueue(side, n, repeats):
+    side.enqueue_one()  # warm-up: connection, statements
+    rates = [rate_of(n, lambda: [side.enqueue_one() for _ in range(n)]) for _ in range(repeats)]
+    return statistics.median(rates)
+
+
+def measure_map(side, n, repeats):
+    side.enqueue_backlog(1)
+    return statistics.median(rate_of(n, lambda: side.enqueue_backlog(n)) for _ in range(repeats))
+
+
+def measure_castor_map(root, n, repeats):
+    side = CastorSide(root, "map")
+    try:
+        value = measure_map(side, n, repeats)
+        log(f"castor map: {value:,.0f}/s")
+        return value
+    finally:
+        side.close()
+
+
+def stamp_rate(stamps):
+    """Tasks per second between the first and the last task's own timestamp."""
+    window = max(stamps) - min(stamps)
+    if len(stamps) < 2 or window <= 0:
+        raise BenchError("not enough tasks to time")
+    return (len(stamps) - 1) / window
+
+
+def measure_drain(side, n):
+    """Backlog of n with no worker, then start one: (rate by stamps, wall seconds)."""
+    before = side.finished()
+    handles = side.enqueue_backlog(n)
+    with side.worker() as worker:
+        wait_until(lambda: side.finished() >= before + n, max(60.0, n / 50), f"{n} tasks",
+                   worker, poll=0.05)
+        wall = time.monotonic() - worker.started
+    return stamp_rate(side.results(handles)), wall
+
+
+def measure_latency_and_idle(side, n, idle_seconds, warmups=5):
+    """Round trips against an idle running worker, then its idle CPU."""
+    with side.worker() as worker:
+        deadline = time.monotonic() + 60
+        while True:  # the first round trip waits for the worker to be up
+            worker.check_alive()
+            try:
+                side.round_trip(timeout=5)
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{side.name} worker never answered: {exc!r}") from None
+        for _ in range(warmups):
+            side.round_trip(timeout=30)
+        latencies = []
+        for _ in range(n):
+            start = time.perf_counter()
+            side.round_trip(timeout=30)
+            latencies.append(time.perf_counter() - start)
+        time.sleep(2.0)  # let back-offs settle
+        worker.check_alive()
+        cpu0, t0 = tree_cpu_seconds(worker.pid), time.monotonic()
+        time.sleep(idle_seconds)
+        worker.check_alive()
+        cpu1, t1 = tree_cpu_seconds(worker.pid), time.monotonic()
+    return percentile(latencies, 50), percentile(latencies, 99), 100.0 * (cpu1 - cpu0) / (t1 - t0)
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def fill_finished(side, n, chunk=5000):
+    """Write n finished task documents through castor's public immediate mode."""
+    from castor import Manager
+    inline = Manager(side.manager.db, immediate=True)
+    task = inline.task(mode="thread")(side.mod.stamp.func)  # same name: benchtasks.stamp
+    for start in range(0, n, chunk):
+        task.map([()] * min(chunk, n - start))
+    counts = side.manager.counts()
+    if counts["success"] < n:
+        raise BenchError(f"fill wrote {counts['success']} finished tasks, wanted {n}")
+
+
+def measure_store(root, full_n, enq_n, drain_n, repeats):
+    """Castor's enqueue and drain rates on an empty store and a store of full_n."""
+    out = {}
+    for label, prefill in (("empty", 0), ("full", full_n)):
+        side = CastorSide(root, f"store-{label}")
+        try:
+            if prefill:
+                start = time.perf_counter()
+                fill_finished(side, prefill)
+                log(f"castor: wrote {prefill:,} finished tasks in {time.perf_counter() - start:.1f}s")
+            size_mb = os.path.getsize(os.path.join(side.dir, "castor.db")) / 1e6
+            enqueue = measure_enqueue(side, enq_n, repeats)
+            drains = []
+            with side.worker(label=f"castor ({label} store)") as worker:
+                # the enqueue runs above left a backlog: let it drain first
+                wait_until(lambda: side.unfinished() == 0, 120, "the enqueue backlog", worker)
+                for _ in range(repeats):
+                    handles = side.enqueue_backlog(drain_n)  # one transaction
+                    # poll cheap counts, not every handle, while the worker drains
+                    wait_until(lambda: side.unfinished() == 0, max(60.0, drain_n / 50),
+                               f"{drain_n} tasks", worker)
+                    drains.append(stamp_rate(side.results(handles)))
+            out[label] = {"enqueue": enqueue, "drain": statistics.median(drains),
+                          "size_mb": size_mb}
+            log(f"castor {label} store ({size_mb:.1f} MB before): enqueue {enqueue:,.0f}/s, "
+                f"drain {out[label]['drain']:,.0f}/s")
+        finally:
+            side.close()
+    return out
+
+
+def measure_process(root, n, repeats):
+    """Castor process mode (--workers 2) against ProcessPoolExecutor(2)."""
+    side = CastorSide(root, "process", CASTOR_PROCESS_MODULE, module="benchproc")
+    try:
+        handles = side.enqueue_backlog(n, task=side.mod.pstamp)
+        with side.worker(label="castor (process)", flags=["--workers", "2"]) as worker:
+            wait_until(lambda: side.finished() >= n, max(60.0, n / 20), f"{n} process tasks",
+                       worker)
+            wall = time.monotonic() - worker.started
+        castor_rate = stamp_rate(side.results(handles))
+        plain = side.mod.plain_stamp
+        rates = []
+        with ProcessPoolExecutor(max_workers=2) as pool:
+            list(pool.map(plain_call, [plain] * 8))  # warm: both processes up
+            for _ in range(repeats):
+                futures = [pool.submit(plain) for _ in range(n)]
+                rates.append(stamp_rate([f.result(timeout=60) for f in futures]))
+        return castor_rate, statistics.median(rates), wall
+    finally:
+        side.close()
+
+
+def plain_call(fn):
+    return fn()
+
+
+def profile_drain(root, n):
+    """Drain n tasks with castor's worker under pyinstrument; the text report."""
+    side = CastorSide(root, "profile")
+    try:
+        side.enqueue_backlog(n)
+        report = os.path.join(side.dir, "profile.txt")
+        prefix = [sys.executable, "-m", "pyinstrument", "-o", report]
+        # pyinstrument runs ``castor.py`` as a script; same code path as -m castor.
+        argv = [*prefix, os.path.join(REPO, "castor.py"), *CASTOR_FLAGS, "benchtasks:manager"]
+        worker = Worker(argv, side.dir, os.path.join(side.dir, "profile-worker.log"),
+                        "castor (pyinstrument)")
+        with worker:
+            wait_until(lambda: side.finished() >= n, max(60.0, n / 20), "profiled drain", worker)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGTERM)  # graceful: pyinstrument writes
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=30)
+        with open(report) as f:
+            return f.read(), report
+    finally:
+        side.close()
+
+
+# Table ########################################################################
+
+
+def fmt_rate(x):
+    return "-" if x is None else f"{x:,.0f}/s"
+
+
+def fmt_ms(x):
+    return "-" if x is None else f"{x * 1000:.2f} ms"
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fmt_ratio(x, suffix="x"):
+    return "-" if x is None else f"{x:.2f}{suffix}"
+
+
+def print_table(rows):
+    headers = ("#", "measure", "castor", "huey", "ratio", "target", "verdict")
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    print(line)
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print(line)
+
+
+# Main #########################################################################
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    parser.add_argument("--tasks", type=int, help="drain backlog size (row 3)")
+    parser.add_argument("--full", type=int, help="finished tasks in the full store (row 6)")
+    parser.add_argument("--repeats", type=int, help="repeats of small measurements")
+    parser.add_argument("--idle", type=float, help="seconds of idle CPU sampling (row 5)")
+    parser.add_argument("--no-process", action="store_true", help="skip the process-mode section")
+    parser.add_argument("--no-store", action="store_true", help="skip row 6")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile castor's worker draining a backlog (pyinstrument)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    preset = {k: v[1 if args.quick else 0] for k, v in PRESETS.items()}
+    for key, value in (("drain", args.tasks), ("full", args.full),
+                       ("repeats", args.repeats), ("idle", args.idle)):
+        if value is not None:
+            preset[key] = value
+    if preset["drain"] < 2 or preset["repeats"] < 1:
+        parser.error("--tasks must be >= 2 and --repeats >= 1")
+    return args, preset
+
+
+def run(args, cfg, root):
+    results, rows, notes = {}, [], []
+
+    def attempt(key, fn):
+        try:
+            results[key] = fn()
+        except Exception as exc:  # one failed measurement must not sink the rest
+            results[key] = None
+            log(f"{key} FAILED: {exc}")
+            notes.append(f"{key}: ERROR {type(exc).__name__}: {exc}")
+
+    def each(tag, measure):
+        """Run ``measure(side)`` on castor then huey, each in a fresh directory."""
+        out = []
+        for cls in (CastorSide, HueySide):
+            side = cls(root, tag)
+            try:
+                value = measure(side)
+                log(f"{side.name} {tag}: {value}")
+                out.append(value)
+            finally:
+                side.close()
+        return out
+
+    r = cfg["repeats"]
+    attempt("enqueue", lambda: each("enqueue", lambda s: measure_enqueue(s, cfg["enqueue"], r)))
+    attempt("map", lambda: measure_castor_map(root, cfg["map"], r))
+    attempt("drain", lambda: each("drain", lambda s: measure_drain(s, cfg["drain"])))
+    attempt("latency", lambda: each("latency", lambda s: measure_latency_and_idle(
+        s, cfg["latency"], cfg["idle"])))
+    if not args.no_store:
+        attempt("store", lambda: measure_store(root, cfg["full"], cfg["store_enqueue"],
+                                               cfg["store_drain"], r))
+    if not args.no_process:
+        attempt("process", lambda: measure_process(root, cfg["process"], r))
+    if args.profile:
+        attempt("profile", lambda: profile_drain(root, cfg["drain"]))
+
+    # Rows 1-2: enqueue.
+    c1 = h1 = None
+    if results.get("enqueue"):
+        c1, h1 = results["enqueue"]
+        x = ratio(c1, h1)
+        rows.append(("1", f"enqueue, single .delay ({cfg['enqueue']:,} calls)", fmt_rate(c1),
+                     fmt_rate(h1), fmt_ratio(x), f">= {TARGET_ENQUEUE:g}x", verdict(x >= TARGET_ENQUEUE)))
+    else:
+        rows.append(("1", "enqueue, single .delay", "ERROR", "ERROR", "-", f">= {TARGET_ENQUEUE:g}x", "ERROR"))
+    c2 = results.get("map")
+    x = ratio(c2, h1)
+    rows.append(("2", f"enqueue, castor .map of {cfg['map']:,} vs huey per-call*",
+                 fmt_rate(c2) if c2 else "ERROR", fmt_rate(h1), fmt_ratio(x),
+                 f">= {TARGET_MAP:g}x", "ERROR" if x is None else verdict(x >= TARGET_MAP)))
+
+    # Row 3: drain.
+    if results.get("drain"):
+        (c3, cwall), (h3, hwall) = results["drain"]
+        x = ratio(c3, h3)
+        rows.append(("3", f"drain {cfg['drain']:,} no-op thread tasks, 4 threads", fmt_rate(c3),
+                     fmt_rate(h3), fmt_ratio(x), f">= {TARGET_DRAIN:g}x", verdict(x >= TARGET_DRAIN)))
+        notes.append(f"row 3 wall time from spawning the worker until all {cfg['drain']:,} were "
+                     f"seen finished (start-up included): castor {cwall:.2f}s "
+                     f"({cfg['drain'] / cwall:,.0f}/s), huey {hwall:.2f}s ({cfg['drain'] / hwall:,.0f}/s)")
+    else:
+        rows.append(("3", "drain", "ERROR", "ERROR", "-", f">= {TARGET_DRAIN:g}x", "ERROR"))
+
+    # Rows 4-5: latency and idle CPU.
+    if results.get("latency"):
+        (cp50, cp99, ccpu), (hp50, hp99, hcpu) = results["latency"]
+        x = ratio(cp50, hp50)
+        rows.append(("4a", f"latency delay->result p50 ({cfg['latency']} seq.)", fmt_ms(cp50),
+                     fmt_ms(hp50), fmt_ratio(x), f"<= {TARGET_LATENCY:g}x", verdict(x <= TARGET_LATENCY)))
+        rows.append(("4b", "latency delay->result p99", fmt_ms(cp99), fmt_ms(hp99),
+                     fmt_ratio(ratio(cp99, hp99)), "-", "n/a"))
+        rows.append(("5", f"idle worker CPU over {cfg['idle']:g}s, % of a core", f"{ccpu:.2f}%",
+                     f"{hcpu:.2f}%", fmt_ratio(ratio(ccpu, hcpu)), f"castor < {TARGET_IDLE:g}%",
+                     verdict(ccpu < TARGET_IDLE)))
+    else:
+        rows.append(("4", "latency", "ERROR", "ERROR", "-", f"<= {TARGET_LATENCY:g}x", "ERROR"))
+        rows.append(("5", "idle CPU", "ERROR", "ERROR", "-", f"< {TARGET_IDLE:g}%", "ERROR"))
+
+    # Row 6: 100k finished tasks.
+    if not args.no_store:
+        store = results.get("store")
+        if store:
+            e, f = store["empty"], store["full"]
+            for sub, key, what in (("6a", "enqueue", "enqueue .delay"), ("6b", "drain", "drain (claim+finish)")):
+                x = ratio(e[key], f[key])
+                rows.append((sub, f"{what}, {cfg['full']:,} finished vs empty store",
+                             f"{fmt_rate(f[key])} (empty {fmt_rate(e[key])})", "not run",
+                             fmt_ratio(x, "x cost"), f"<= {TARGET_STORE:g}x cost",
+                             verdict(x <= TARGET_STORE)))
+            notes.append(f"row 6 store file: {store['full']['size_mb']:.1f} MB with "
+                         f"{cfg['full']:,} finished tasks; drain batches of {cfg['store_drain']:,} "
+                         "enqueued by .map while a worker runs, rate by task timestamps")
+        else:
+            rows.append(("6", "100k finished vs empty store", "ERROR", "not run", "-",
+                         f"<= {TARGET_STORE:g}x cost", "ERROR"))
+
+    # Process mode.
+    if not args.no_process:
+        proc = results.get("process")
+        if proc:
+            crate, prate, _wall = proc
+            overhead_ms = 1000 * (1 / crate - 1 / prate)
+            rows.append(("P", f"process mode {cfg['process']:,} no-op, 2 procs (huey col: "
+                         "ProcessPoolExecutor)", fmt_rate(crate), fmt_rate(prate),
+                         fmt_ratio(ratio(crate, prate)), "-", "n/a"))
+            notes.append(f"process mode: castor's overhead is {overhead_ms:.2f} ms of wall time "
+                         f"per task with 2 processes ({2 * overhead_ms:.2f} ms per task per process)")
+        else:
+            rows.append(("P", "process mode vs ProcessPoolExecutor", "ERROR", "ERROR", "-", "-", "ERROR"))
+    return rows, notes, results
+
+
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    import castor
+    import huey
+    root = tempfile.mkdtemp(prefix="castor-bench-")
+    began = time.monotonic()
+    log(f"castor {castor.__version__} from {castor.__file__}; huey {huey.__version__}; "
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; temp dir {root}")
+    try:
+        rows, notes, results = run(args, cfg, root)
+    finally:
+        stop_all_workers()
+        if args.keep:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(f"castor {castor.__version__} vs huey {huey.__version__} SqliteHuey, python "
+          f"{sys.version.split()[0]}, {os.cpu_count()} CPUs{' (--quick)' if args.quick else ''}, "
+          f"{time.monotonic() - began:.0f}s")
+    print("castor worker: castor " + " ".join(CASTOR_FLAGS) + " benchtasks:manager")
+    print("huey worker:   huey_consumer benchhuey.huey " + " ".join(HUEY_FLAGS)
+          + "  (SqliteHuey(filename=...), other settings default)")
+    print("ratio = castor / huey (rates: higher is better; latency: lower is better); "
+          "row 6 ratio = rate_empty / rate_full (cost)")
+    print_table(rows)
+    print("* huey has no bulk enqueue API: row 2 compares castor's .map with huey's per-call "
+          "enqueue (row 1).")
+    print(f"Rates are medians of {cfg['repeats']} runs where repeated; drain rates are "
+          "(N-1) / (last task's timestamp - first task's), which excludes interpreter start-up.")
+    for note in notes:
+        print(f"- {note}")
+    if results.get("profile"):
+        text, path = results["profile"]
+        print(f"\npyinstrument profile of castor's worker draining {cfg['drain']:,} tasks "
+              f"(first 60 lines):")
+        print("\n".join(text.splitlines()[:60]))
+    return 1 if any(row[-1] == "ERROR" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1612 @@
+"""Castor: background tasks for small Python apps, on one beaver-db file.
+
+Decorate a function, call ``.delay()``, wait on the handle, and run a worker
+with ``castor main:manager``. The application and the workers talk only
+through the SQLite file of a beaver-db database: no Redis, no broker. Castor
+needs only the standard library and beaver-db, and this file can be copied
+into a project as it is.
+
+    from beaver import BeaverDB
+    from castor import Manager
+    manager = Manager(BeaverDB("tasks.db"))
+    @manager.task(mode="thread")
+    def send_email(to): ...
+    send_email.delay("alice@example.com").join(timeout=5)
+
+Licence: MIT.
+"""
+
+__version__ = "0.1.0"
+__author__ = "The castor developers"
+__license__ = "MIT"
+
+__all__ = [
+    "CastorError",
+    "Manager",
+    "NotJSONError",
+    "Task",
+    "TaskError",
+    "TaskHandle",
+    "UnknownTaskError",
+    "Worker",
+    "main",
+]
+
+import argparse
+import asyncio
+import builtins
+import collections
+import contextlib
+import datetime
+import functools
+import importlib
+import inspect
+import json
+import logging
+import os
+import queue
+import random
+import select
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+
+if __name__ == "__main__":
+    # Running this file as a script must not import it a second time when the
+    # user's module says ``from castor import Manager``.
+    sys.modules.setdefault("castor", sys.modules["__main__"])
+
+
+# Logger and constants #########################################################
+
+logger = logging.getLogger("castor")
+logger.addHandler(logging.NullHandler())
+
+#: Statuses a task can be in; the last three are final.
+STATUSES = ("pending", "running", "success", "failed", "cancelled")
+
+#: Statuses after which a task never changes again.
+FINISHED = frozenset(("success", "failed", "cancelled"))
+
+#: Execution modes a task must choose between.
+MODES = ("thread", "process")
+
+#: The beaver dict that holds the task documents.
+DICT_NAME = "castor_tasks"
+
+#: Seconds between a worker's heartbeats.
+HEARTBEAT_INTERVAL = 1.0
+
+#: A worker silent for this long is dead and its tasks go back to pending.
+LEASE_TIMEOUT = 10.0
+
+#: Seconds between two sweeps for tasks held by dead workers.
+REAP_INTERVAL = 2.0
+
+#: A task whose worker died this many times fails instead of running again.
+MAX_LOSSES = 3
+
+#: How often an idle worker looks for new work: cheap, and fast enough that a
+#: new task starts within a few milliseconds.
+IDLE_POLL = 0.002
+
+#: How long a worker with no free slot sleeps when no task finishes; bounds
+#: how fast it notices a signal.
+BUSY_POLL = 0.2
+
+#: SQLite busy timeout: a file write-locked by someone else is waited for.
+BUSY_TIMEOUT = 60.0
+
+#: Seconds a new process-pool child may take to import the user's modules.
+CHILD_START_TIMEOUT = 120.0
+
+
+# Exceptions ###################################################################
+
+
+class CastorError(Exception):
+    """Base class of every error castor raises itself."""
+
+
+class TaskError(CastorError):
+    """A task failed with an exception that cannot be rebuilt here."""
+
+    def __init__(self, message, type_name=None, traceback=None):
+        super().__init__(message)
+        self.type_name = type_name
+        self.traceback = traceback
+
+
+class NotJSONError(CastorError, TypeError):
+    """An argument or result is not JSON."""
+
+
+class UnknownTaskError(CastorError, KeyError):
+    """No task with this id is in the store."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class _UsageError(CastorError):
+    """A command-line mistake: reported in one line, exit status 2."""
+
+
+# Public API: Manager ##########################################################
+
+
+class Manager:
+    """Holds the beaver-db file and the registry of tasks.
+
+    ``Manager(db, immediate=True)`` runs tasks inline at ``.delay()``, for
+    testing an application without a worker.
+    """
+
+    def __init__(self, db, *, immediate=False):
+        self.db = db
+        self.immediate = bool(immediate)
+        self.path = _db_path(db)
+        self._store = _Store(self.path)
+        self._tasks = {}
+
+    def __repr__(self):
+        return f"<castor.Manager {self.path!r} tasks={len(self._tasks)}>"
+
+    def task(self, mode, *, daemon=False, retries=0, retry_delay=1.0,
+             timeout=None, priority=0, every=None):
+        """Decorator: register a function as a background task."""
+        options = _task_options(mode, daemon, retries, retry_delay, timeout,
+                                priority, every)
+
+        def decorator(func):
+            if not callable(func):
+                raise TypeError(f"@manager.task decorates functions, not {func!r}")
+            task = Task(self, func, **options)
+            if task.every is not None:
+                _check_no_arguments(func)
+            self._tasks[task.name] = task
+            return task
+        return decorator
+
+    def get_task_by_id(self, task_id):
+        """The handle of an existing task, or None for an unknown id."""
+        if not isinstance(task_id, str):
+            return None
+        doc = self._store.get_doc(task_id)
+        return None if doc is None else TaskHandle(self, task_id, doc["task_name"])
+
+    def tasks(self, status=None, limit=50):
+        """Task documents, newest first, optionally of one status."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        return self._store.list_docs(status, int(limit))
+
+    def counts(self):
+        """``{"pending": n, "running": n, "success": n, ...}`` without a scan."""
+        return self._store.counts()
+
+    def prune(self, older_than):
+        """Delete finished tasks older than ``older_than`` seconds; return how many."""
+        seconds = _seconds(older_than, "older_than")
+        return self._store.prune(time.time() - seconds)
+
+    @property
+    def registry(self):
+        """Registered tasks by name (a copy)."""
+        return dict(self._tasks)
+
+
+# Public API: Task #############################################################
+
+
+class Task:
+    """A registered function. Call it to run it here; ``.delay()`` to queue it."""
+
+    def __init__(self, manager, func, *, mode, daemon=False, retries=0,
+                 retry_delay=1.0, timeout=None, priority=0, every=None):
+        functools.update_wrapper(self, func)
+        self.manager = manager
+        self.func = func
+        self.name = _task_name(func)
+        self.mode = mode
+        self.daemon = daemon
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self.priority = priority
+        self.every = every
+
+    def __repr__(self):
+        return f"<castor.Task {self.name} mode={self.mode}>"
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*args, **kwargs)
+
+    def __get__(self, obj, objtype=None):
+        # Tasks are plain functions; they never bind to an instance.
+        return self
+
+    def delay(self, *args, **kwargs):
+        """Queue the task to run now. Returns a TaskHandle."""
+        return self.schedule(args, kwargs)
+
+    def schedule(self, args=(), kwargs=None, *, delay=None, at=None, priority=None):
+        """Queue the task to run no earlier than ``delay`` seconds or ``at``."""
+        now = time.time()
+        eta = _eta(now, delay, at)
+        prio = self.priority if priority is None else _int(priority, "priority")
+        doc = self._document(tuple(args), dict(kwargs or {}), now, eta, prio)
+        if self.manager.immediate:
+            return self._run_inline(doc)
+        self.manager._store.enqueue([doc])
+        return TaskHandle(self.manager, doc["id"], self.name)
+
+    def map(self, iterable):
+        """Queue one task per item, all in one transaction."""
+        if self.manager.immediate:
+            return [self.schedule(_as_args(item)) for item in iterable]
+        now = time.time()
+        docs = [self._document(_as_args(item), {}, now, now, self.priority)
+                for item in iterable]
+        self.manager._store.enqueue(docs)
+        return [TaskHandle(self.manager, doc["id"], self.name) for doc in docs]
+
+    def _document(self, args, kwargs, now, eta, priority):
+        _check_json((args, kwargs), f"the arguments of {self.name}")
+        return {
+            "id": str(uuid.uuid4()), "task_name": self.name, "status": "pending",
+            "args": list(args), "kwargs": kwargs,
+            "enqueued_at": _iso(now), "started_at": None, "finished_at": None,
+            "result": None, "error": None, "exception": None,
+            "mode": self.mode, "priority": priority,
+            "eta": _iso(eta) if eta > now else None, "eta_ts": eta,
+            "attempts": 0, "retries": self.retries, "losses": 0, "worker": None,
+        }
+
+    def _run_inline(self, doc):
+        """Immediate mode: run now, retries included, and store the outcome."""
+        doc = json.loads(_dumps(doc))  # the function sees JSON, as in a worker
+        for attempt in range(1, self.retries + 2):
+            started = time.time()
+            reply = _execute(self, doc["args"], doc["kwargs"])
+            doc.update(attempts=attempt, started_at=_iso(started))
+            if reply["ok"]:
+                break
+        _apply_reply(doc, reply, time.time())
+        self.manager._store.put_finished(doc)
+        return TaskHandle(self.manager, doc["id"], self.name)
+
+
+# Public API: TaskHandle #######################################################
+
+
+class TaskHandle:
+    """A queued task: its id, status and result. True once it has finished."""
+
+    __slots__ = ("manager", "id", "name")
+
+    def __init__(self, manager, task_id, name=None):
+        self.manager = manager
+        self.id = task_id
+        self.name = name
+
+    def __repr__(self):
+        doc = self.manager._store.get_doc(self.id)
+        status = doc["status"] if doc else "unknown"
+        return f"<TaskHandle {self.id[:8]} {self.name} {status}>"
+
+    def __eq__(self, other):
+        return isinstance(other, TaskHandle) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __bool__(self):
+        return self.status() in FINISHED
+
+    def info(self):
+        """The task document, as stored."""
+        return self._doc()
+
+    def status(self):
+        """"pending", "running", "success", "failed" or "cancelled"."""
+        return self._doc()["status"]
+
+    def cancel(self):
+        """Stop a pending task from ever running. False if it already started."""
+        return self.manager._store.cancel(self.id, time.time())
+
+    def join(self, timeout=None):
+        """Wait for the result; raise TimeoutError or the task's exception."""
+        waiting = self._wait(timeout)
+        try:
+            while True:
+                time.sleep(next(waiting))
+        except StopIteration as done:
+            return _outcome(done.value)
+
+    async def resolve(self, timeout=None):
+        """``join`` for asyncio: waits without blocking the event loop."""
+        waiting = self._wait(timeout)
+        try:
+            while True:
+                await asyncio.sleep(next(waiting))
+        except StopIteration as done:
+            return _outcome(done.value)
+
+    def _doc(self):
+        doc = self.manager._store.get_doc(self.id)
+        if doc is None:
+            raise UnknownTaskError(f"no task {self.id!r} in the store (pruned?)")
+        return doc
+
+    def _wait(self, timeout):
+        """Yield sleep lengths until the task finishes; return its document.
+
+        The store's data version changes only when another connection
+        commits, so most polls cost one pragma and no document read.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        store, seen, pause = self.manager._store, None, 0.0005
+        while True:
+            version = store.data_version()
+            if version != seen:
+                seen, doc = version, self._doc()
+                if doc["status"] in FINISHED:
+                    return doc
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
+            pause = min(pause * 1.2, 0.02)
+            yield pause if left is None else min(pause, left)
+
+
+# Helpers of the public API ####################################################
+
+
+def _task_options(mode, daemon, retries, retry_delay, timeout, priority, every):
+    """Check decorator arguments when the decorator is applied."""
+    if callable(mode):
+        raise TypeError("@manager.task needs a mode: @manager.task(mode='thread')")
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'thread' or 'process', not {mode!r}")
+    if not isinstance(daemon, bool):
+        raise TypeError(f"daemon must be True or False, not {daemon!r}")
+    retries = _int(retries, "retries")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, not {retries}")
+    return dict(
+        mode=mode, daemon=daemon, retries=retries,
+        retry_delay=_seconds(retry_delay, "retry_delay"),
+        timeout=None if timeout is None else _positive(timeout, "timeout"),
+        priority=_int(priority, "priority"),
+        every=None if every is None else _positive(every, "every"),
+    )
+
+
+def _int(value, what):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {value!r}")
+    return value
+
+
+def _seconds(value, what):
+    """Seconds as a float from a number or a timedelta, never negative."""
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be seconds (a number or timedelta), not {value!r}")
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{what} must not be negative, not {value!r}")
+    return float(value)
+
+
+def _positive(value, what):
+    seconds = _seconds(value, what)
+    if seconds == 0:
+        raise ValueError(f"{what} must be more than 0 seconds")
+    return seconds
+
+
+def _check_no_arguments(func):
+    try:
+        inspect.signature(func).bind()
+    except TypeError:
+        raise ValueError(f"a periodic task ({func.__qualname__}) must take no arguments") from None
+
+
+def _eta(now, delay, at):
+    if delay is not None and at is not None:
+        raise TypeError("give delay or at, not both")
+    if at is not None:
+        if not isinstance(at, datetime.datetime) or at.tzinfo is None:
+            raise TypeError(f"at must be a timezone-aware datetime, not {at!r}")
+        return max(now, at.timestamp())
+    return now + (_seconds(delay, "delay") if delay is not None else 0.0)
+
+
+def _as_args(item):
+    """An item of ``.map()``: a tuple is the positional arguments."""
+    return item if isinstance(item, tuple) else (item,)
+
+
+def _task_name(func):
+    """``module.qualname``; a script's tasks are named after its file."""
+    module = func.__module__
+    if module == "__main__":
+        module = _main_module_name() or module
+    return f"{module}.{func.__qualname__}"
+
+
+def _main_module_name():
+    """What ``python main.py`` would be called if imported: ``main``."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+        return spec.name
+    path = getattr(main_module, "__file__", None)
+    return os.path.splitext(os.path.basename(path))[0] if path else None
+
+
+def _db_path(db):
+    """The file behind a BeaverDB or AsyncBeaverDB (castor opens it directly)."""
+    engine = getattr(db, "_async_db", db)
+    path = getattr(engine, "_db_path", None)
+    if not isinstance(path, str):
+        raise TypeError(f"Manager needs a local beaver.BeaverDB, not {db!r}")
+    if path == ":memory:" or path.startswith("file::memory:"):
+        raise CastorError("castor needs a database file: an in-memory database "
+                          "cannot be shared with a worker")
+    return os.path.abspath(path)
+
+
+def _dumps(value):
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _check_json(value, where):
+    """Refuse what JSON cannot carry, naming the offending value."""
+    def refuse(obj):
+        raise NotJSONError(f"{obj!r} (type {type(obj).__name__}) in {where} is not "
+                           "JSON: use str, int, float, bool, None, list or dict")
+    try:
+        json.dumps(value, allow_nan=False, default=refuse)
+    except ValueError as exc:  # NaN or infinity, which SQLite's JSON refuses
+        raise NotJSONError(f"{where} are not JSON: {exc}") from None
+    except TypeError as exc:
+        if isinstance(exc, NotJSONError):
+            raise
+        raise NotJSONError(f"{where} are not JSON: {exc}") from None
+
+
+def _iso(ts):
+    """ISO-8601 UTC, as in the design plan: 2025-09-25T16:04:14.123456Z."""
+    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def _execute(task, args, kwargs):
+    """Run a task function; its failure becomes data (a reply dict)."""
+    try:
+        result = task.func(*args, **kwargs)
+        _check_json(result, f"the result of {task.name}")
+        return {"ok": True, "result": result}
+    except BaseException as exc:  # a task's SystemExit is its failure, not ours
+        return {"ok": False, "error": _error_data(exc)}
+
+
+def _error_data(exc, tb=None):
+    """An exception as JSON: enough to rebuild it on the caller's side."""
+    cls = type(exc)
+    try:
+        args = json.loads(_dumps(list(exc.args)))
+    except (TypeError, ValueError):
+        args = None
+    if tb is None:
+        tb = "".join(traceback.format_exception(exc))
+    module = "castor" if cls.__module__ == __name__ else cls.__module__
+    return {"module": module, "qualname": cls.__qualname__,
+            "message": str(exc), "args": args, "traceback": tb}
+
+
+def _castor_error(message):
+    """Error data for a failure castor itself detects (lost, terminated...)."""
+    return {"module": "castor", "qualname": "TaskError", "message": message,
+            "args": [message], "traceback": f"castor.TaskError: {message}\n"}
+
+
+def _apply_reply(doc, reply, now):
+    """Write a finished run's outcome into its task document."""
+    doc["finished_at"] = _iso(now)
+    if reply["ok"]:
+        doc.update(status="success", result=reply["result"], error=None, exception=None)
+    else:
+        err = reply["error"]
+        doc.update(status="failed", result=None, error=err["traceback"], exception=err)
+
+
+def _outcome(doc):
+    """The result of a finished task document, or its exception raised."""
+    if doc["status"] == "success":
+        return doc["result"]
+    if doc["status"] == "cancelled":
+        raise TaskError(f"task {doc['id']} was cancelled", "castor.Cancelled")
+    raise _rebuild(doc.get("exception") or _castor_error(str(doc.get("error"))))
+
+
+def _rebuild(err):
+    """The task's own exception type when this process knows it, else TaskError.
+
+    Only modules already imported here are searched: the store is data, and a
+    document never makes this process import code.
+    """
+    type_name = f"{err.get('module')}.{err.get('qualname')}"
+    note = f"Traceback from the castor worker:\n{err.get('traceback', '')}"
+    cls = _find_class(err.get("module"), err.get("qualname"))
+    exc = None
+    if cls is TaskError:  # castor's own verdicts: lost worker, unknown task...
+        exc = TaskError(err.get("message"), type_name, err.get("traceback"))
+    elif cls is not None and issubclass(cls, Exception):
+        with contextlib.suppress(Exception):
+            exc = cls(*(err.get("args") if err.get("args") is not None else [err.get("message")]))
+    if exc is None:
+        exc = TaskError(f"{type_name}: {err.get('message')}", type_name, err.get("traceback"))
+    exc.add_note(note)
+    return exc
+
+
+def _find_class(module_name, qualname):
+    if module_name == "builtins":
+        module = builtins
+    elif module_name == "castor":
+        module = sys.modules[__name__]
+    else:
+        module = sys.modules.get(module_name)
+        if module is None and module_name == _main_module_name():
+            module = sys.modules.get("__main__")
+    obj = module
+    for part in (qualname or "").split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
+# Storage ######################################################################
+#
+# The task documents live in beaver's own dict table, ``__beaver_dicts__``,
+# under dict_name ``castor_tasks``: ``db.dict("castor_tasks")[task_id]`` reads
+# them through beaver's public API. Castor writes them with its own SQL,
+# because beaver's per-call API costs about 2 ms (an inter-process lock made of
+# three transactions) and its blocking reads poll every 100 ms.
+#
+# Next to the documents castor keeps its own tables in the same file:
+#   castor_jobs     one row per task: status, mode, priority, eta, owner. Its
+#                   partial indexes cover only pending and running rows, so
+#                   claiming stays as cheap with 100k finished tasks as with none.
+#   castor_workers  one row per live worker, with a heartbeat.
+#   castor_stats    counts of finished tasks by status, kept in step.
+#   castor_periodic when each periodic task is next due.
+#
+# Every state change updates castor_jobs and the document in one
+# ``BEGIN IMMEDIATE`` transaction: a claim marks the job running, names the
+# worker and rewrites the document atomically, so no task goes to two workers.
+# Waiting is polling ``PRAGMA data_version``, which changes only when another
+# connection commits: a few microseconds a poll, and no document is read
+# unless something changed.
+#
+# Reliance on beaver internals: the table ``__beaver_dicts__`` and its columns
+# (dict_name, key, value, expires_at) as beaver-db 2.x creates them. Pinned in
+# pyproject.toml (beaver-db>=2.4,<3) and checked by test_storage_is_beaver_readable.
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS castor_jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    eta REAL NOT NULL DEFAULT 0,
+    worker TEXT,
+    losses INTEGER NOT NULL DEFAULT 0,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS castor_jobs_ready
+    ON castor_jobs (mode, priority, seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_jobs_eta
+    ON castor_jobs (eta) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_jobs_running
+    ON castor_jobs (worker) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS castor_jobs_status ON castor_jobs (status, seq);
+CREATE INDEX IF NOT EXISTS castor_jobs_finished
+    ON castor_jobs (finished) WHERE finished IS NOT NULL;
+CREATE TABLE IF NOT EXISTS castor_workers (
+    id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS castor_stats (
+    status TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS castor_periodic (
+    name TEXT PRIMARY KEY,
+    next_run REAL NOT NULL
+);
+"""
+
+_PUT_DOC = ("INSERT OR REPLACE INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
+            f"VALUES ('{DICT_NAME}', ?, ?, NULL)")
+_GET_DOC = f"SELECT value FROM __beaver_dicts__ WHERE dict_name = '{DICT_NAME}' AND key = ?"
+_DEL_DOC = f"DELETE FROM __beaver_dicts__ WHERE dict_name = '{DICT_NAME}' AND key = ?"
+_BUMP = ("INSERT INTO castor_stats (status, n) VALUES (?, ?) "
+         "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n")
+
+
+class _Store:
+    """Castor's SQL on the beaver file: one connection per thread."""
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+        self._schema_ready = False
+
+    @property
+    def conn(self):
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():  # not across fork()
+            local.conn, local.pid = self._connect(), os.getpid()
+        return local.conn
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
+        # Same durability as beaver's own connection on this file: WAL and
+        # synchronous=NORMAL survive a killed process, with no fsync a commit.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if not self._schema_ready:
+            self._create_schema(conn)
+        return conn
+
+    def _create_schema(self, conn):
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'castor_periodic'").fetchone():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self._schema_ready = True
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction that takes the lock up front (no deadlocks)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def data_version(self):
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    # Documents ----------------------------------------------------------------
+
+    def get_doc(self, task_id):
+        row = self.conn.execute(_GET_DOC, (task_id,)).fetchone()
+        return None if row is None else _load_doc(task_id, row[0])
+
+    def list_docs(self, status, limit):
+        if status is None:
+            rows = self.conn.execute(
+                "SELECT id FROM castor_jobs ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self.conn.execute(
+                "SELECT id FROM castor_jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
+                (status, limit))
+        docs = (self.get_doc(task_id) for (task_id,) in rows.fetchall())
+        return [doc for doc in docs if doc is not None]
+
+    def enqueue(self, docs):
+        with self.transaction() as conn:
+            self.enqueue_in(conn, docs)
+
+    def enqueue_in(self, conn, docs):
+        rows = [(d["id"], d["task_name"], d["mode"], d["priority"], d.pop("eta_ts"))
+                for d in docs]
+        conn.executemany(_PUT_DOC, [(d["id"], _dumps(d)) for d in docs])
+        conn.executemany(
+            "INSERT INTO castor_jobs (id, name, mode, status, priority, eta) "
+            "VALUES (?, ?, ?, 'pending', ?, ?)", rows)
+
+    def put_finished(self, doc):
+        """Store a task that already ran (immediate mode)."""
+        doc.pop("eta_ts", None)
+        with self.transaction() as conn:
+            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
+            conn.execute(
+                "INSERT INTO castor_jobs (id, name, mode, status, finished) VALUES (?, ?, ?, ?, ?)",
+                (doc["id"], doc["task_name"], doc["mode"], doc["status"], time.time()))
+            conn.execute(_BUMP, (doc["status"], 1))
+
+    def cancel(self, task_id, now):
+        with self.transaction() as conn:
+            done = conn.execute(
+                "UPDATE castor_jobs SET status = 'cancelled', finished = ? "
+                "WHERE id = ? AND status = 'pending'", (now, task_id)).rowcount
+            if not done:
+                return False
+            doc = self.get_doc(task_id) or {"id": task_id}
+            doc.update(status="cancelled", finished_at=_iso(now))
+            conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
+            conn.execute(_BUMP, ("cancelled", 1))
+        return True
+
+    # Queries ------------------------------------------------------------------
+
+    def counts(self):
+        counts = dict.fromkeys(STATUSES, 0)
+        conn = self.conn
+        # Both counts walk a partial index holding only unfinished tasks.
+        counts["pending"] = conn.execute(
+            "SELECT count(*) FROM castor_jobs INDEXED BY castor_jobs_eta "
+            "WHERE status = 'pending'").fetchone()[0]
+        counts["running"] = conn.execute(
+            "SELECT count(*) FROM castor_jobs INDEXED BY castor_jobs_running "
+            "WHERE status = 'running'").fetchone()[0]
+        for status, n in conn.execute("SELECT status, n FROM castor_stats"):
+            counts[status] = n
+        return counts
+
+    def prune(self, before):
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "SELECT seq, id, status FROM castor_jobs WHERE finished IS NOT NULL "
+                "AND finished < ?", (before,)).fetchall()
+            conn.executemany("DELETE FROM castor_jobs WHERE seq = ?", [(r[0],) for r in rows])
+            conn.executemany(_DEL_DOC, [(r[1],) for r in rows])
+            for status, n in collections.Counter(r[2] for r in rows).items():
+                conn.execute(_BUMP, (status, -n))
+        return len(rows)
+
+    def has_ready(self, modes, now):
+        marks = ",".join("?" * len(modes))
+        return self.conn.execute(
+            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_eta WHERE status = 'pending' "
+            f"AND eta <= ? AND mode IN ({marks}) LIMIT 1", (now, *modes)).fetchone() is not None
+
+    def next_eta(self, modes):
+        marks = ",".join("?" * len(modes))
+        return self.conn.execute(
+            "SELECT min(eta) FROM castor_jobs INDEXED BY castor_jobs_eta "
+            f"WHERE status = 'pending' AND mode IN ({marks})", modes).fetchone()[0]
+
+    # Worker side (called inside a transaction) --------------------------------
+
+    def claim(self, conn, worker_id, mode, limit, now):
+        """Mark up to ``limit`` due tasks running for this worker; their docs."""
+        rows = conn.execute(
+            "SELECT seq, id FROM castor_jobs INDEXED BY castor_jobs_ready "
+            "WHERE status = 'pending' AND mode = ? AND eta <= ? "
+            "ORDER BY priority, seq LIMIT ?", (mode, now, limit)).fetchall()
+        if not rows:
+            return []
+        conn.executemany("UPDATE castor_jobs SET status = 'running', worker = ? WHERE seq = ?",
+                         [(worker_id, seq) for seq, _ in rows])
+        docs = []
+        for seq, task_id in rows:
+            doc = self.get_doc(task_id) or _missing_doc(task_id)
+            doc.update(status="running", started_at=_iso(now), worker=worker_id,
+                       attempts=_as_int(doc.get("attempts")) + 1)
+            conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
+            docs.append((seq, doc))
+        return docs
+
+    def finish(self, conn, worker_id, seq, doc, now):
+        """Record a final outcome; False if this worker no longer owns the task."""
+        owned = conn.execute(
+            "UPDATE castor_jobs SET status = ?, worker = NULL, finished = ? "
+            "WHERE seq = ? AND worker = ? AND status = 'running'",
+            (doc["status"], now, seq, worker_id)).rowcount
+        if owned:
+            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
+            conn.execute(_BUMP, (doc["status"], 1))
+        return bool(owned)
+
+    def retry_later(self, conn, worker_id, seq, doc, eta):
+        """Put a failed attempt back to pending until ``eta``."""
+        owned = conn.execute(
+            "UPDATE castor_jobs SET status = 'pending', worker = NULL, eta = ? "
+            "WHERE seq = ? AND worker = ? AND status = 'running'",
+            (eta, seq, worker_id)).rowcount
+        if owned:
+            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
+        return bool(owned)
+
+    def requeue_owned(self, conn, owner, now, count_loss):
+        """Return the running tasks of ``owner`` (None: of no live worker) to pending."""
+        if owner is None:
+            rows = conn.execute(
+                "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
+                "WHERE status = 'running' AND (worker IS NULL OR worker NOT IN "
+                "(SELECT id FROM castor_workers))").fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
+                "WHERE status = 'running' AND worker = ?", (owner,)).fetchall()
+        lost = []
+        for seq, task_id, losses in rows:
+            losses += 1 if count_loss else 0
+            doc = self.get_doc(task_id) or _missing_doc(task_id)
+            doc.update(losses=losses, worker=None, started_at=None,
+                       attempts=max(0, _as_int(doc.get("attempts")) - 1))
+            if losses >= MAX_LOSSES:
+                doc.update(attempts=doc["attempts"] + 1)
+                _apply_reply(doc, {"ok": False, "error": _castor_error(
+                    f"worker lost {losses} times while running this task; giving up")}, now)
+                conn.execute("UPDATE castor_jobs SET status = 'failed', worker = NULL, "
+                             "losses = ?, finished = ? WHERE seq = ?", (losses, now, seq))
+                conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
+                conn.execute(_BUMP, ("failed", 1))
+            else:
+                doc["status"] = "pending"
+                conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, "
+                             "losses = ? WHERE seq = ?", (losses, seq))
+                conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
+            lost.append(doc)
+        return lost
+
+    def register_worker(self, worker_id, now):
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO castor_workers VALUES (?, ?, ?, ?, ?)",
+                         (worker_id, os.getpid(), socket.gethostname(), now, now))
+
+    def heartbeat(self, worker_id, now):
+        """Renew this worker's lease; False if others had given it up for dead."""
+        with self.transaction() as conn:
+            return conn.execute("UPDATE castor_workers SET heartbeat = ? WHERE id = ?",
+                                (now, worker_id)).rowcount == 1
+
+    def deregister_worker(self, worker_id):
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM castor_workers WHERE id = ?", (worker_id,))
+
+    def reap(self, me, now):
+        """Requeue the tasks of dead workers; the list of documents requeued."""
+        workers = self.conn.execute("SELECT id, pid, host, heartbeat FROM castor_workers").fetchall()
+        dead = [wid for wid, pid, host, beat in workers
+                if wid != me and (beat < now - LEASE_TIMEOUT or not _alive(pid, host))]
+        orphans = self.conn.execute(
+            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_running WHERE status = 'running' "
+            "AND (worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)) LIMIT 1").fetchone()
+        if not dead and not orphans:
+            return []
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM castor_workers WHERE id = ?", [(w,) for w in dead])
+            return self.requeue_owned(conn, None, now, count_loss=True)
+
+    def due_periodic(self, conn, name, every, now):
+        """True when this worker won the right to enqueue ``name`` now, else when it is due."""
+        row = conn.execute("SELECT next_run FROM castor_periodic WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[0] > now:
+            return row[0]
+        # Missed periods while no worker ran are skipped, not run in a burst.
+        next_run = now + every if row is None or row[0] + every <= now else row[0] + every
+        conn.execute("INSERT OR REPLACE INTO castor_periodic VALUES (?, ?)", (name, next_run))
+        return True
+
+
+def _load_doc(task_id, raw):
+    """A document as stored; garbage becomes a document that says so."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
+        return _missing_doc(task_id, raw)
+    return doc
+
+
+def _missing_doc(task_id, raw=None):
+    return {"id": task_id, "task_name": None, "status": "pending", "args": None,
+            "kwargs": None, "corrupt": True if raw is None else str(raw)[:1000]}
+
+
+def _as_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _alive(pid, host):
+    """False only when the process surely is gone (same host, no such pid)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# Worker #######################################################################
+
+
+class _Run:
+    """A task this worker is running."""
+
+    __slots__ = ("seq", "doc", "task", "mode", "started", "deadline")
+
+    def __init__(self, seq, doc, task, mode, started):
+        self.seq, self.doc, self.task, self.mode = seq, doc, task, mode
+        self.started = started
+        timeout = task.timeout if task is not None else None
+        self.deadline = None if timeout is None or mode == "process" else started + timeout
+
+
+class Worker:
+    """Runs a manager's tasks: threads for mode="thread", processes for "process".
+
+    ``run()`` blocks until ``stop()`` or SIGINT/SIGTERM (in the main thread);
+    a second signal exits at once and puts running tasks back to pending.
+    """
+
+    def __init__(self, manager, workers=None, threads=None, *, target=None, imports=()):
+        self.manager = manager
+        self.workers = workers or os.cpu_count() or 1
+        self.threads = threads or self.workers * 2
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.target = target
+        self.imports = list(imports)
+        self.state = "Idle"
+        self.stats = collections.Counter()
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._done = queue.Queue()
+        self._running = {}
+        self._abandoned = 0  # thread tasks that timed out but still hold a thread
+        self._threads = None
+        self._procs = None
+        self._next_eta = None
+        self._seen = None
+        self._stash = []
+        self._next_beat = self._next_reap = 0.0
+        self._periodic_due = {}
+
+    # Public -------------------------------------------------------------------
+
+    def stop(self, now=False):
+        """Stop claiming and finish running tasks; ``now=True`` gives them back."""
+        (self._abort if now else self._stop).set()
+        self._done.put(None)  # wake the loop
+
+    def busy(self):
+        """``{"thread": (busy, total), "process": (busy, total)}``."""
+        modes = collections.Counter(run.mode for run in self._running.values())
+        return {"thread": (modes["thread"] + self._abandoned, self.threads),
+                "process": (modes["process"], self.workers)}
+
+    def run(self):
+        """Serve tasks until stopped. Returns 0 after a graceful stop, 1 if forced."""
+        store = self.manager._store
+        restore = self._install_signals()
+        self.state = "Running"
+        store.register_worker(self.id, time.time())
+        self._start_pools()
+        logger.info("Worker %s serving %d task(s) from %s", self.id, len(self.manager._tasks),
+                    self.manager.path)
+        try:
+            self._serve()
+        finally:
+            forced = self._abort.is_set()
+            self._shutdown(forced)
+            restore()
+            self.state = "Stopped"
+        return 1 if forced else 0
+
+    # Loop ---------------------------------------------------------------------
+
+    def _serve(self):
+        while not self._abort.is_set():
+            try:
+                self._tick(time.time())
+            except Exception:
+                logger.exception("worker loop error (will retry)")
+                self._abort.wait(0.5)
+            if self._stop.is_set() and self.state == "Stopping" and not self._running:
+                return
+            self._wait()
+
+    def _tick(self, now):
+        if self._stop.is_set() and self.state == "Running":
+            self._begin_stopping(now)
+        if now >= self._next_beat:
+            self._housekeeping(now)
+        if not self._stop.is_set():
+            self._enqueue_periodic(now)
+        self._step(now)
+
+    def _step(self, now):
+        """One iteration: record finished tasks and claim new ones, one transaction."""
+        finished = self._collect()
+        finished += self._expired(now)
+        modes = [] if self._stop.is_set() else self._free_modes()
+        if modes and not self._worth_claiming(modes, now):
+            modes = []
+        if not finished and not modes:
+            return
+        store = self.manager._store
+        with store.transaction() as conn:
+            self._record(conn, finished, now)
+            claimed = {mode: store.claim(conn, self.id, mode, free, now)
+                       for mode, free in modes}
+        self._log_finished(finished, now)
+        for mode, docs in claimed.items():
+            for seq, doc in docs:
+                self._dispatch(seq, doc, mode, now)
+            if docs:
+                self._seen = None  # there may be more: look again next time
+
+    def _wait(self):
+        """Sleep until a task finishes, or briefly when there may be new work."""
+        idle = self._free_modes() and not self._stop.is_set()
+        with contextlib.suppress(queue.Empty):
+            self._stash.append(self._done.get(timeout=IDLE_POLL if idle else BUSY_POLL))
+
+    def _collect(self):
+        """Completions from the pools: (run, reply, finished_at)."""
+        items, self._stash = self._stash, []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._done.get_nowait())
+        finished = []
+        for item in items:
+            if item is None:
+                continue
+            task_id, reply, ended = item
+            run = self._running.pop(task_id, None)
+            if run is None:  # timed out or terminated earlier: result discarded
+                if reply.get("mode") == "thread":
+                    self._abandoned -= 1
+                continue
+            finished.append((run, reply, ended))
+        return finished
+
+    def _expired(self, now):
+        """Thread tasks past their timeout: failed now, their thread abandoned."""
+        expired = []
+        for task_id, run in list(self._running.items()):
+            if run.deadline is not None and now >= run.deadline:
+                del self._running[task_id]
+                self._abandoned += 1
+                error = _error_data(TimeoutError(
+                    f"task exceeded its timeout of {run.task.timeout:g}s "
+                    "(its thread cannot be killed; its late result will be discarded)"))
+                expired.append((run, {"ok": False, "error": error}, now))
+        return expired
+
+    def _free_modes(self):
+        busy = self.busy()
+        return [(mode, total - used) for mode, (used, total) in busy.items() if used < total]
+
+    def _worth_claiming(self, modes, now):
+        """Claim only when something changed: cheap reads, no write lock."""
+        store = self.manager._store
+        names = [mode for mode, _ in modes]
+        seen = (store.data_version(), tuple(names))
+        if seen == self._seen and (self._next_eta is None or now < self._next_eta):
+            return False
+        self._seen = seen
+        if store.has_ready(names, now):
+            return True
+        self._next_eta = store.next_eta(names)
+        return False
+
+    def _record(self, conn, finished, now):
+        store = self.manager._store
+        for run, reply, ended in finished:
+            doc = run.doc
+            delay = self._retry_delay(run, reply)
+            if delay is not None:
+                doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
+                           exception=reply["error"], started_at=None)
+                run.doc["retry_at"] = _iso(ended + delay)
+                store.retry_later(conn, self.id, run.seq, doc, ended + delay)
+                continue
+            _apply_reply(doc, reply, ended)
+            if not store.finish(conn, self.id, run.seq, doc, now):
+                logger.warning("Task %s: lease lost, result discarded", doc["id"][:8])
+
+    def _retry_delay(self, run, reply):
+        """Seconds until the next attempt, or None when this was the last one."""
+        task = run.task
+        if reply["ok"] or task is None or run.doc.get("attempts", 1) > task.retries:
+            return None
+        base = task.retry_delay * 2 ** (run.doc.get("attempts", 1) - 1)
+        return base * random.uniform(1.0, 1.25)  # jitter keeps retries from stampeding
+
+    def _log_finished(self, finished, now):
+        for run, reply, ended in finished:
+            short, doc = run.doc["id"][:8], run.doc
+            took = max(0.0, ended - _started_ts(doc, ended))
+            if reply["ok"]:
+                self.stats["success"] += 1
+                logger.info("Task %s finished successfully in %.2fs", short, took)
+            elif doc["status"] == "pending":
+                self.stats["retried"] += 1
+                logger.warning("Task %s failed (attempt %d of %d), retrying at %s: %s", short,
+                               doc["attempts"], run.task.retries + 1, doc["retry_at"],
+                               _short_error(reply["error"]))
+            else:
+                self.stats["failed"] += 1
+                logger.error("Task %s failed: %s", short, _short_error(reply["error"]))
+
+    def _dispatch(self, seq, doc, mode, now):
+        task = self.manager._tasks.get(doc.get("task_name"))
+        run = _Run(seq, doc, task, mode, time.time())
+        self._running[doc["id"]] = run
+        problem = _job_problem(doc, task, self.target)
+        if problem is not None:
+            self._done.put((doc["id"], {"ok": False, "error": _castor_error(problem)}, time.time()))
+            return
+        logger.info("Task %s started: %s", doc["id"][:8], _call_repr(doc))
+        job = {"id": doc["id"], "name": task.name, "args": doc["args"],
+               "kwargs": doc["kwargs"], "timeout": task.timeout}
+        (self._threads if mode == "thread" else self._procs).submit(job)
+
+    # Housekeeping -------------------------------------------------------------
+
+    def _housekeeping(self, now):
+        store = self.manager._store
+        self._next_beat = now + HEARTBEAT_INTERVAL
+        if not store.heartbeat(self.id, now):
+            logger.warning("Worker %s was taken for dead; registering again", self.id)
+            store.register_worker(self.id, now)
+        if now >= self._next_reap:
+            self._next_reap = now + REAP_INTERVAL
+            for doc in store.reap(self.id, now):
+                logger.warning("Task %s: its worker died; %s", doc["id"][:8],
+                               "giving up" if doc["status"] == "failed" else "back to pending")
+
+    def _enqueue_periodic(self, now):
+        """Each period, exactly one worker wins the transaction that enqueues."""
+        store = self.manager._store
+        for task in self.manager._tasks.values():
+            if task.every is None or self._periodic_due.get(task.name, 0) > now:
+                continue
+            with store.transaction() as conn:
+                due = store.due_periodic(conn, task.name, task.every, now)
+                if due is True:
+                    doc = task._document((), {}, now, now, task.priority)
+                    store.enqueue_in(conn, [doc])
+            if due is True:
+                logger.info("Periodic task %s enqueued as %s", task.name, doc["id"][:8])
+            else:
+                self._periodic_due[task.name] = due
+
+    # Start and stop -----------------------------------------------------------
+
+    def _start_pools(self):
+        self._threads = _ThreadPool(self.manager, self.threads, self._done)
+        if any(t.mode == "process" for t in self.manager._tasks.values()):
+            config = _child_config(self.manager, self.target, self.imports)
+            self._procs = _ProcessPool(config, self.workers, self._done)
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, frame):
+            # Only flags here (a queue.put could deadlock): the loop, which
+            # wakes at least every BUSY_POLL seconds, does the work.
+            (self._abort if self._stop.is_set() else self._stop).set()
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+    def _begin_stopping(self, now):
+        """Stop claiming; daemon tasks are terminated, critical ones awaited."""
+        self.state = "Stopping"
+        logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
+                    sum(1 for r in self._running.values() if not (r.task and r.task.daemon)))
+        daemons = [run for run in self._running.values() if run.task and run.task.daemon]
+        for run in daemons:
+            del self._running[run.doc["id"]]
+            if run.mode == "process":
+                self._procs.kill(run.doc["id"])
+            else:
+                self._abandoned += 1
+        terminated = [(run, {"ok": False, "error": _castor_error("terminated at shutdown")}, now)
+                      for run in daemons]
+        with self.manager._store.transaction() as conn:
+            self._record(conn, terminated, now)
+        self._log_finished(terminated, now)
+
+    def _shutdown(self, forced):
+        """Leave nothing behind: children killed, unfinished tasks given back."""
+        if self._procs is not None:
+            self._procs.close(kill=forced)
+        store = self.manager._store
+        try:
+            if self._running:
+                with store.transaction() as conn:
+                    requeued = store.requeue_owned(conn, self.id, time.time(), count_loss=False)
+                logger.warning("Exiting now: %d running task(s) back to pending", len(requeued))
+            store.deregister_worker(self.id)
+        except sqlite3.Error:
+            logger.exception("could not give back running tasks; other workers will")
+        logger.info("Worker %s stopped", self.id)
+
+
+def _job_problem(doc, task, target):
+    """Why a claimed task cannot run here, or None."""
+    if doc.get("corrupt") is not None:
+        return f"the task document is corrupt: {doc['corrupt']!r}"
+    if task is None:
+        where = target or "the manager's module"
+        return (f"unknown task {doc.get('task_name')!r}: this worker has no such task. "
+                f"Register it by importing its module from {where}, or start the worker "
+                "with --import MODULE")
+    if not isinstance(doc.get("args"), list) or not isinstance(doc.get("kwargs"), dict):
+        return f"the task document has bad args/kwargs: {doc.get('args')!r}, {doc.get('kwargs')!r}"
+    return None
+
+
+def _started_ts(doc, default):
+    try:
+        return _parse_iso(doc["started_at"])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+def _short_error(err):
+    return f"{err.get('qualname')}: {err.get('message')}"
+
+
+def _call_repr(doc):
+    parts = [repr(a) for a in doc["args"]] + [f"{k}={v!r}" for k, v in doc["kwargs"].items()]
+    text = f"{doc['task_name']}({', '.join(parts)})"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# Worker: thread pool ##########################################################
+
+
+class _ThreadPool:
+    """Daemon threads, so a forced exit never waits on a hung task."""
+
+    def __init__(self, manager, size, done):
+        self.manager, self.done = manager, done
+        self.jobs = queue.Queue()
+        for n in range(size):
+            threading.Thread(target=self._serve, name=f"castor-thread-{n}", daemon=True).start()
+
+    def submit(self, job):
+        self.jobs.put(job)
+
+    def _serve(self):
+        while True:
+            job = self.jobs.get()
+            task = self.manager._tasks[job["name"]]
+            reply = _execute(task, job["args"], job["kwargs"])
+            reply["mode"] = "thread"
+            self.done.put((job["id"], reply, time.time()))
+
+
+# Worker: process pool #########################################################
+#
+# Each slot owns one child process, started with subprocess (fork+exec, never
+# a bare fork of this threaded process) in a session of its own, so a terminal's
+# Ctrl+C reaches only the worker, which decides what happens to the children.
+# A child imports the same modules the worker did and finds tasks by name in
+# its own registry. It never opens the database: it reads a job as a JSON line
+# on stdin and writes the reply as a JSON line on its original stdout (the
+# task's own prints go to stderr). The slot kills and replaces its child when a
+# task times out or the child dies.
+
+
+class _ProcessPool:
+    def __init__(self, config, size, done):
+        self.jobs = queue.Queue()
+        self.slots = [_ProcessSlot(config, self.jobs, done, n) for n in range(size)]
+        for slot in self.slots:
+            slot.start()
+
+    def submit(self, job):
+        self.jobs.put(job)
+
+    def kill(self, task_id):
+        for slot in self.slots:
+            if slot.current == task_id:
+                slot.kill_child()
+
+    def close(self, kill=False):
+        for slot in self.slots:
+            self.jobs.put(None)
+        for slot in self.slots:
+            slot.stop(kill)
+
+
+class _ProcessSlot(threading.Thread):
+    def __init__(self, config, jobs, done, n):
+        super().__init__(name=f"castor-process-{n}", daemon=True)
+        self.config, self.jobs, self.done = config, jobs, done
+        self.child = None
+        self.current = None
+        self.closing = False
+        self._lock = threading.Lock()
+
+    def run(self):
+        while True:
+            # Warm up (again) before the next task: a new child takes a while.
+            with contextlib.suppress(Exception):
+                self._ensure_child()
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.current = job["id"]
+            reply = self._run_job(job)
+            reply["mode"] = "process"
+            self.current = None
+            self.done.put((job["id"], reply, time.time()))
+
+    def _run_job(self, job):
+        try:
+            child = self._ensure_child()
+            child.stdin.write((_dumps(job) + "\n").encode())
+            child.stdin.flush()
+        except (OSError, CastorError) as exc:
+            self.kill_child()
+            return {"ok": False, "error": _castor_error(f"could not start the task's process: {exc}")}
+        line = self._read_line(child, job["timeout"])
+        if line is None:
+            self.kill_child()
+            return {"ok": False, "error": _error_data(TimeoutError(
+                f"task exceeded its timeout of {job['timeout']:g}s; its process was killed"))}
+        if not line:
+            code = child.wait()
+            self.child = None
+            return {"ok": False, "error": _castor_error(
+                f"the task's process died ({_exit_reason(code)}); the pool replaced it")}
+        return json.loads(line)
+
+    def _read_line(self, child, timeout):
+        """A reply line; None on timeout; b"" when the child died."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = child.stdout.fileno()
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
+            if ready:
+                return child.stdout.readline()
+
+    def _ensure_child(self):
+        with self._lock:
+            if self.child is not None and self.child.poll() is None:
+                return self.child
+            if self.closing:
+                raise CastorError("the worker is shutting down")
+            self.child = _spawn_child(self.config)
+            return self.child
+
+    def kill_child(self):
+        with self._lock:
+            child, self.child = self.child, None
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+
+    def stop(self, kill):
+        self.closing = True
+        if not kill:
+            self.join(timeout=5)
+        child = self.child
+        if child is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()  # a child between tasks exits on EOF
+            try:
+                child.wait(timeout=0 if kill else 2)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_child()
+
+
+def _spawn_child(config):
+    here = os.path.dirname(os.path.abspath(__file__))
+    boot = f"import sys; sys.path.insert(0, {here!r}); import castor; castor._child_main()"
+    child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             start_new_session=True)
+    ready, _, _ = select.select([child.stdout], [], [], CHILD_START_TIMEOUT)
+    line = child.stdout.readline() if ready else b""
+    hello = json.loads(line) if line else {"fatal": "no answer from the new process"}
+    if "fatal" in hello:
+        child.kill()
+        child.wait()
+        raise CastorError(hello["fatal"])
+    return child
+
+
+def _exit_reason(code):
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _child_config(manager, target, imports):
+    """How a child finds the tasks: the worker's MODULE:VARIABLE and imports."""
+    return {"target": target or _locate(manager), "imports": list(imports),
+            "path": [p for p in sys.path if p]}
+
+
+def _locate(manager):
+    """``module:variable`` of an imported manager, for the pool's children."""
+    for name, module in list(sys.modules.items()):
+        for attr, value in list(vars(module).items()) if module else ():
+            if value is manager:
+                if name == "__main__":
+                    name = _main_module_name() or name
+                return f"{name}:{attr}"
+    raise CastorError("cannot find the module that holds this manager; "
+                      "pass Worker(..., target='module:variable')")
+
+
+def _child_main():
+    """Entry point of a pool child: run jobs from stdin until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown is the worker's call
+    config = json.loads(sys.argv[-1])
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the tasks' prints must not corrupt the replies
+    sys.path[:0] = [p for p in config["path"] if p not in sys.path]
+    try:
+        manager = _load_target(config["target"], config["imports"])
+    except BaseException as exc:  # report any import failure to the parent
+        replies.write(_dumps({"fatal": f"{type(exc).__name__}: {exc}"}) + "\n")
+        replies.flush()
+        return
+    _watch_parent(os.getppid())
+    replies.write('{"ready":true}\n')
+    replies.flush()
+    for line in sys.stdin.buffer:
+        job = json.loads(line)
+        task = manager._tasks.get(job["name"])
+        reply = (_execute(task, job["args"], job["kwargs"]) if task is not None else
+                 {"ok": False, "error": _castor_error(f"unknown task {job['name']!r} in the process pool")})
+        replies.write(_dumps(reply) + "\n")
+        replies.flush()
+
+
+def _watch_parent(parent):
+    """Exit when the worker is gone, even in the middle of a task."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="castor-watch-parent", daemon=True).start()
+
+
+# CLI ##########################################################################
+
+
+def _load_target(target, imports=()):
+    """Import ``module:variable`` (then ``imports``) and return the Manager."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise _UsageError(f"expected MODULE:VARIABLE (like main:manager), got {target!r}")
+    module = _import(module_name)
+    for extra in imports:
+        _import(extra)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise _UsageError(f"module {module_name!r} has no variable {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Manager):
+        raise _UsageError(f"{target} is a {type(obj).__name__}, not a castor.Manager")
+    return obj
+
+
+def _import(name):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise _UsageError(f"no module named {name!r} (run castor from the "
+                              "directory that holds it)") from None
+        raise
+
+
+def _parser():
+    parser = _OneLineParser(
+        prog="castor", description="Run a castor worker for MODULE:VARIABLE (a Manager).")
+    parser.add_argument("target", metavar="MODULE:VARIABLE", help="e.g. main:manager")
+    parser.add_argument("--workers", type=_count, default=None,
+                        help="processes for mode='process' tasks (default: CPU count)")
+    parser.add_argument("--threads", type=_count, default=None,
+                        help="threads for mode='thread' tasks (default: workers * 2)")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="also import MODULE to register its tasks")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="show a live dashboard in the terminal")
+    parser.add_argument("--version", action="version", version=f"castor {__version__}")
+    return parser
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"castor: error: {message} (see castor --help)\n")
+
+
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _setup_logging():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def main(argv=None):
+    """``castor [--workers N] [--threads M] [-i] MODULE:VARIABLE``."""
+    args = _parser().parse_args(argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like python -m: the project is importable
+    try:
+        manager = _load_target(args.target, args.imports)
+    except _UsageError as exc:
+        sys.stderr.write(f"castor: error: {exc}\n")
+        return 2
+    worker = Worker(manager, args.workers, args.threads, target=args.target,
+                    imports=args.imports)
+    handler = _setup_logging()
+    if args.interactive and sys.stdout.isatty():
+        return _run_dashboard(worker, args.target, handler)
+    if args.interactive:
+        logger.info("stdout is not a terminal: no dashboard, plain logs instead")
+    logger.info("Starting server... Ctrl+C to stop.")
+    return worker.run()
+
+
+def _run_dashboard(worker, target, handler):
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,662 @@
+"""Castor's test suite: real beaver files, real worker processes, real signals.
+
+Every wait has a deadline (``wait_for``); nothing sleeps and hopes.
+"""
+
+import asyncio
+import datetime
+import importlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from beaver import BeaverDB
+
+import castor
+from castor import CastorError, Manager, NotJSONError, TaskError, TaskHandle
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(ROOT, "examples")
+_names = itertools.count()
+
+
+# Helpers ######################################################################
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
+    """Poll ``predicate`` until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children_of(pid):
+    """Pids of the live descendants of ``pid`` (found by parent pid in /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(kids)
+        frontier.extend(kids)
+    return {p for p in found if alive(p)}
+
+
+TASKS = '''
+import os, sys, time, json
+from beaver import BeaverDB
+from castor import Manager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+db = BeaverDB(os.path.join(HERE, "tasks.db"))
+manager = Manager(db)
+
+
+def mark(label):
+    """Append a line to runs.log: which task ran, in which process."""
+    with open(os.path.join(HERE, "runs.log"), "a") as fh:
+        fh.write(json.dumps([label, os.getpid(), time.time()]) + "\\n")
+
+
+class AppError(Exception):
+    pass
+
+
+@manager.task(mode="thread")
+def add(a, b):
+    return a + b
+
+
+@manager.task(mode="thread")
+def record(label):
+    mark(label)
+    return label
+
+
+@manager.task(mode="process")
+def precord(label):
+    mark(label)
+    return label
+
+
+@manager.task(mode="thread")
+def thread_pid():
+    return os.getpid()
+
+
+@manager.task(mode="process")
+def process_pid():
+    return os.getpid()
+
+
+@manager.task(mode="thread")
+def boom(message):
+    raise ValueError(message)
+
+
+@manager.task(mode="process")
+def pboom(message):
+    raise AppError(message)
+
+
+@manager.task(mode="thread")
+def sleepy(seconds, label=None):
+    if label:
+        mark(label + ":start")
+    time.sleep(seconds)
+    if label:
+        mark(label + ":end")
+    return seconds
+
+
+@manager.task(mode="process")
+def psleepy(seconds, label=None):
+    if label:
+        mark(label + ":start")
+    time.sleep(seconds)
+    if label:
+        mark(label + ":end")
+    return os.getpid()
+
+
+@manager.task(mode="thread", daemon=True)
+def dsleepy(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@manager.task(mode="process", daemon=True)
+def pdsleepy(seconds):
+    mark("pd:start")
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@manager.task(mode="thread")
+def not_json():
+    return {"when": object()}
+
+
+@manager.task(mode="process")
+def suicide():
+    os._exit(3)
+'''
+
+
+class Project:
+    """A temporary project: a task module, its beaver file, and its workers."""
+
+    def __init__(self, path, extra=""):
+        self.path = path
+        self.module = f"proj{next(_names)}"
+        with open(path / f"{self.module}.py", "w") as fh:
+            fh.write(TASKS + textwrap.dedent(extra))
+        self.workers = []
+        self._mod = None
+
+    @property
+    def mod(self):
+        """The task module, imported in this test process (the 'app' side)."""
+        if self._mod is None:
+            sys.path.insert(0, str(self.path))
+            try:
+                self._mod = importlib.import_module(self.module)
+            finally:
+                sys.path.remove(str(self.path))
+        return self._mod
+
+    @property
+    def manager(self):
+        return self.mod.manager
+
+    def start(self, *flags, target=None, wait=True, **popen):
+        """A worker as a subprocess: ``python -m castor MODULE:manager``."""
+        cmd = [sys.executable, "-m", "castor", *flags, target or f"{self.module}:manager"]
+        # Files, not pipes: a worker's logs must never fill a pipe and block it.
+        n = len(self.workers)
+        out, err = (open(self.path / f"worker{n}.{kind}", "w+") for kind in ("out", "err"))
+        proc = subprocess.Popen(cmd, cwd=self.path, stdout=out, stderr=err, text=True, **popen)
+        proc.files = (out, err)
+        self.workers.append(proc)
+        if wait:
+            wait_for(lambda: self.worker_rows() > len([w for w in self.workers if w.poll() is None]) - 1
+                     or proc.poll() is not None, what="worker registration")
+            assert proc.poll() is None, self.output(proc)
+        return proc
+
+    @staticmethod
+    def output(proc):
+        """(stdout, stderr) of a worker so far."""
+        texts = []
+        for fh in proc.files:
+            fh.flush()
+            fh.seek(0)
+            texts.append(fh.read())
+        return tuple(texts)
+
+    def worker_rows(self):
+        with sqlite3.connect(self.path / "tasks.db") as conn:
+            try:
+                return conn.execute("SELECT count(*) FROM castor_workers").fetchone()[0]
+            except sqlite3.OperationalError:
+                return 0
+
+    def runs(self):
+        try:
+            with open(self.path / "runs.log") as fh:
+                return [json.loads(line) for line in fh]
+        except FileNotFoundError:
+            return []
+
+    def labels(self):
+        return [label for label, _, _ in self.runs()]
+
+    def stop(self, proc, sig=signal.SIGINT, timeout=30):
+        """Stop a worker and return (returncode, stdout, stderr)."""
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"worker did not stop within {timeout}s:\n{self.output(proc)[1]}")
+        return (proc.returncode, *self.output(proc))
+
+    def cleanup(self):
+        for proc in self.workers:
+            for fh in proc.files:
+                fh.close()
+        for proc in self.workers:
+            if proc.poll() is None:
+                kids = children_of(proc.pid)
+                proc.kill()
+                proc.wait()
+                for kid in kids:
+                    with __import__("contextlib").suppress(ProcessLookupError):
+                        os.kill(kid, signal.SIGKILL)
+        if self._mod is not None:
+            self._mod.db.close()
+            sys.modules.pop(self.module, None)
+
+
+@pytest.fixture
+def project(tmp_path):
+    proj = Project(tmp_path)
+    yield proj
+    proj.cleanup()
+
+
+@pytest.fixture
+def make_project(tmp_path):
+    made = []
+
+    def make(extra=""):
+        sub = tmp_path / f"p{len(made)}"
+        sub.mkdir()
+        made.append(Project(sub, extra))
+        return made[-1]
+    yield make
+    for proj in made:
+        proj.cleanup()
+
+
+def run_cli(*args, cwd, timeout=30):
+    return subprocess.run([sys.executable, "-m", "castor", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Decorator and handles (no worker) ############################################
+
+
+def test_mode_is_mandatory_and_checked(project):
+    manager = project.manager
+    with pytest.raises(TypeError):
+        manager.task()
+    with pytest.raises(TypeError, match="needs a mode"):
+        @manager.task
+        def f():
+            pass
+    with pytest.raises(ValueError, match="'thread' or 'process'"):
+        manager.task(mode="fiber")
+    with pytest.raises(TypeError):
+        manager.task(mode="thread", retries="3")
+    with pytest.raises(ValueError):
+        manager.task(mode="thread", timeout=0)
+    with pytest.raises(ValueError):
+        manager.task(mode="thread", retries=-1)
+    with pytest.raises(TypeError):
+        manager.task(mode="thread", daemon="yes")
+
+
+def test_task_keeps_function_identity(project):
+    mod = project.mod
+    assert mod.add(2, 3) == 5  # a direct call runs in-process
+    assert mod.add.__name__ == "add"
+    assert mod.sleepy.__doc__ is None and mod.mark.__doc__.startswith("Append")
+    assert mod.add.name == f"{project.module}.add"
+    assert project.manager.registry[mod.add.name] is mod.add
+
+
+def test_delay_refuses_non_json_and_enqueues_nothing(project):
+    mod = project.mod
+    when = datetime.datetime(2025, 1, 1)
+    with pytest.raises(NotJSONError, match=r"datetime\.datetime\(2025, 1, 1") as info:
+        mod.add.delay(when, 1)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, CastorError)
+    with pytest.raises(TypeError, match="set"):
+        mod.add.delay(1, b={1, 2})
+    with pytest.raises(NotJSONError, match="not JSON"):
+        mod.add.delay(float("nan"), 1)
+    with pytest.raises(NotJSONError):
+        mod.add.map([(1, 2), (object(), 2)])
+    assert project.manager.counts()["pending"] == 0
+    assert len(project.mod.db.dict("castor_tasks")) == 0
+
+
+def test_unknown_id_and_handle_basics(project):
+    manager = project.manager
+    assert manager.get_task_by_id("nope") is None
+    assert manager.get_task_by_id(None) is None
+    handle = project.mod.add.delay(1, 2)
+    assert isinstance(handle, TaskHandle) and len(handle.id) == 36
+    assert handle.status() == "pending" and not handle
+    assert manager.get_task_by_id(handle.id) == handle
+    assert "pending" in repr(handle) and handle.id[:8] in repr(handle)
+    with pytest.raises(TimeoutError):
+        handle.join(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        asyncio.run(handle.resolve(timeout=0.05))
+    info = handle.info()
+    assert info["args"] == [1, 2] and info["kwargs"] == {} and info["status"] == "pending"
+
+
+def test_storage_is_beaver_readable(project):
+    """castor writes beaver's tables itself; beaver's public API must read them."""
+    mod = project.mod
+    handle = mod.add.delay(2, b=3)
+    docs = mod.db.dict("castor_tasks")
+    doc = docs[handle.id]
+    for field in ("id", "task_name", "status", "args", "kwargs", "enqueued_at",
+                  "started_at", "finished_at", "result", "error"):
+        assert field in doc
+    assert doc["task_name"] == f"{project.module}.add"
+    assert doc["args"] == [2] and doc["kwargs"] == {"b": 3}
+    assert datetime.datetime.fromisoformat(doc["enqueued_at"]).tzinfo is not None
+    assert handle.id in docs and len(docs) == 1
+    assert list(docs.keys()) == [handle.id]
+    # And what beaver writes, castor reads: a document edited through beaver.
+    doc["kwargs"] = {"b": 30}
+    docs[handle.id] = doc
+    assert handle.info()["kwargs"] == {"b": 30}
+
+
+def test_immediate_mode_runs_inline(tmp_path):
+    db = BeaverDB(str(tmp_path / "im.db"))
+    try:
+        manager = Manager(db, immediate=True)
+
+        @manager.task(mode="process")
+        def double(x):
+            return [x, x]
+
+        @manager.task(mode="thread")
+        def fails():
+            raise KeyError("k")
+
+        handle = double.delay(4)
+        assert handle and handle.status() == "success"
+        assert handle.join() == [4, 4]
+        assert asyncio.run(handle.resolve()) == [4, 4]
+        with pytest.raises(KeyError):
+            fails.delay().join()
+        with pytest.raises(NotJSONError):
+            double.delay({1, 2})
+        assert [h.join() for h in double.map([1, 2])] == [[1, 1], [2, 2]]
+        assert db.dict("castor_tasks")[handle.id]["result"] == [4, 4]
+        assert manager.counts()["success"] == 3 and manager.counts()["failed"] == 1
+    finally:
+        db.close()
+
+
+def test_manager_needs_a_file(tmp_path):
+    db = BeaverDB(":memory:")
+    try:
+        with pytest.raises(CastorError, match="file"):
+            Manager(db)
+    finally:
+        db.close()
+    with pytest.raises(TypeError):
+        Manager("tasks.db")
+
+
+# Worker basics ################################################################
+
+
+def test_thread_task_in_worker_process_and_process_task_elsewhere(project):
+    worker = project.start("--workers", "1", "--threads", "2")
+    mod = project.mod
+    assert mod.thread_pid.delay().join(timeout=20) == worker.pid
+    child = mod.process_pid.delay().join(timeout=30)
+    assert child != worker.pid and child != os.getpid()
+    assert child in children_of(worker.pid)
+    assert mod.add.delay(2, 3).join(timeout=10) == 5
+    code, _, err = project.stop(worker)
+    assert code == 0 and "Traceback" not in err
+    assert not alive(child)
+
+
+def test_failure_propagates_with_type_and_traceback(project):
+    project.start("--workers", "1")
+    mod = project.mod
+    with pytest.raises(ValueError, match="bad input") as info:
+        mod.boom.delay("bad input").join(timeout=20)
+    assert any("Traceback from the castor worker" in n and "raise ValueError" in n
+               for n in info.value.__notes__)
+    with pytest.raises(mod.AppError, match="custom"):  # importable class: rebuilt
+        mod.pboom.delay("custom").join(timeout=30)
+    handle = mod.boom.delay("x")
+    wait_for(handle.__bool__, what="failure")
+    doc = handle.info()
+    assert doc["status"] == "failed" and "ValueError: x" in doc["error"]
+    assert doc["error"].startswith("Traceback")
+
+
+def test_unrebuildable_exception_becomes_task_error(project):
+    project.start("--workers", "1")
+    mod = project.mod
+    handle = mod.pboom.delay("gone")
+    wait_for(handle.__bool__)
+    # An app that never imported the class gets TaskError with the details.
+    err = castor._rebuild(dict(handle.info()["exception"], module="not_imported_anywhere"))
+    assert isinstance(err, TaskError) and "AppError: gone" in str(err)
+    assert "raise AppError" in err.traceback
+
+
+def test_result_that_is_not_json_fails_clearly(project):
+    project.start("--workers", "1")
+    with pytest.raises(NotJSONError, match="result of .*not_json.*not JSON"):
+        project.mod.not_json.delay().join(timeout=20)
+
+
+def test_async_resolve_does_not_block_the_loop(project):
+    project.start("--workers", "1")
+    mod = project.mod
+
+    async def scenario():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+        tick_task = asyncio.create_task(ticker())
+        result = await mod.sleepy.delay(0.5).resolve(timeout=20)
+        tick_task.cancel()
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        return result, len(ticks), max(gaps)
+    result, count, worst = asyncio.run(scenario())
+    assert result == 0.5 and count >= 20 and worst < 0.2
+
+
+def test_unknown_task_name_fails_that_task_and_worker_keeps_serving(make_project):
+    proj = make_project('''
+if os.environ.get("CASTOR_TEST_APP_SIDE"):
+    @manager.task(mode="thread")
+    def app_only():
+        return 1
+''')
+    worker = proj.start("--workers", "1")
+    os.environ["CASTOR_TEST_APP_SIDE"] = "1"
+    try:
+        mod = proj.mod
+    finally:
+        del os.environ["CASTOR_TEST_APP_SIDE"]
+    with pytest.raises(TaskError, match=r"unknown task '.*app_only'.*--import") as info:
+        mod.app_only.delay().join(timeout=20)
+    assert "castor.TaskError" in str(info.value.type_name)
+    assert mod.add.delay(1, 1).join(timeout=20) == 2
+    assert worker.poll() is None
+
+
+def test_two_workers_run_each_of_500_tasks_once(project):
+    project.start("--workers", "1", "--threads", "4")
+    project.start("--workers", "1", "--threads", "4")
+    handles = project.mod.record.map([(f"t{i}",) for i in range(500)])
+    for handle in handles:
+        handle.join(timeout=60)
+    labels = project.labels()
+    assert sorted(labels) == sorted(f"t{i}" for i in range(500))
+    by_worker = {doc["worker"] for doc in project.manager.tasks(status="success", limit=500)}
+    assert len(by_worker) == 2  # both workers took part
+    assert project.manager.counts()["success"] == 500
+
+
+# CLI ##########################################################################
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "MODULE:VARIABLE"),
+    (("proj_x",), "expected MODULE:VARIABLE"),
+    (("no_such_module:manager",), "no module named 'no_such_module'"),
+    (("{mod}:nothing",), "has no variable 'nothing'"),
+    (("{mod}:add",), "not a castor.Manager"),
+    (("--workers", "0", "{mod}:manager"), "must be 1 or more"),
+    (("--workers", "many", "{mod}:manager"), "whole number"),
+    (("--threads", "-2", "{mod}:manager"), "must be 1 or more"),
+    (("--bogus", "{mod}:manager"), "unrecognized arguments"),
+])
+def test_cli_usage_errors(project, args, message):
+    args = [a.format(mod=project.module) for a in args]
+    done = run_cli(*args, cwd=project.path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_cli_import_flag_registers_more_tasks(project):
+    with open(project.path / "extra_tasks.py", "w") as fh:
+        fh.write(f"from {project.module} import manager\n"
+                 "@manager.task(mode='process')\n"
+                 "def triple(x):\n    return 3 * x\n")
+    project.start("--workers", "1", "--import", "extra_tasks")
+    sys.path.insert(0, str(project.path))
+    try:
+        project.mod
+        extra = importlib.import_module("extra_tasks")
+        assert extra.triple.delay(5).join(timeout=30) == 15
+    finally:
+        sys.path.remove(str(project.path))
+        sys.modules.pop("extra_tasks", None)
+
+
+def _copy_example(name, dest):
+    shutil.copytree(os.path.join(EXAMPLES, name), dest,
+                    ignore=shutil.ignore_patterns("*.db*", "__pycache__"))
+
+
+@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
+def test_seed_quickstart_end_to_end(tmp_path, command):
+    _copy_example("quickstart", tmp_path / "app")
+    app = tmp_path / "app"
+    if command == ["castor"]:
+        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
+    worker = subprocess.Popen(command + ["main:manager"], cwd=app, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        done = subprocess.run([sys.executable, "main.py"], cwd=app, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "Result from email task: {'recipient': 'alice@example.com', 'status': 'sent'}" \
+            in done.stdout
+        assert "--- Example finished ---" in done.stdout
+    finally:
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert "Starting server... Ctrl+C to stop." in err
+    assert "started: main.send_email('alice@example.com')" in err
+    assert "finished successfully in 2.0" in err
+    assert "-> Sending email to alice@example.com..." in out
+
+
+FASTAPI_CLIENT = '''
+import time
+from fastapi.testclient import TestClient
+from main import app, manager
+
+client = TestClient(app)
+posted = client.post("/calculate")
+assert posted.status_code == 202, posted.text
+task_id = posted.json()["task_id"]
+assert posted.json()["status"] == "pending"
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    body = client.get(f"/tasks/{task_id}").json()
+    if body["status"] == "success":
+        break
+    time.sleep(0.1)
+print("FINAL", body)
+missing = client.get("/tasks/no-such-task")
+assert missing.status_code == 404, missing.text
+'''
+
+
+@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
+def test_design_plan_fastapi_flow(tmp_path, command):
+    pytest.importorskip("fastapi")
+    _copy_example("fastapi", tmp_path / "app")
+    app = tmp_path / "app"
+    if command == ["castor"]:
+        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
+    worker = subprocess.Popen(command + ["--workers", "1", "main:manager"], cwd=app,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        done = subprocess.run([sys.executable, "-c", FASTAPI_CLIENT], cwd=app,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert "FINAL {'task_id':" in done.stdout
+        assert "'status': 'success', 'result': 350}" in done.stdout
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "started: tasks.complex_calculation(100, 250)" in err
+
+
+def test_castor_copied_alone_into_a_project(tmp_path):
+    app = tmp_path / "app"
+    _copy_example("quickstart", app)
+    shutil.copy(os.path.join(ROOT, "castor.py"), app / "castor.py")
+    with open(app / "main.py", "a") as fh:
+        fh.write("\n@manager.task(mode='process')\ndef where():\n"
+                 "    import castor\n    return castor.__file__\n")
+    env = dict(os.environ, PYTHONPATH="")
+    worker = subprocess.Popen([sys.executable, "-m", "castor", "--workers", "1", "main:manager"],
+                              cwd=app, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        script = ("import castor, main; assert castor.__file__.startswith(%r), castor.__file__;"
+                  "print(main.where.delay().join(timeout=60))" % str(app))
+        done = subprocess.run([sys.executable, "-c", script], cwd=app, env=env,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(app / "castor.py")
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
