@@ -1066,12 +1066,12 @@ class Worker:
             self._record(conn, finished, now)
             claimed = {mode: store.claim(conn, self.id, mode, free, now)
                        for mode, free in modes}
+        # Our own commits do not move our data_version: look again next time.
+        self._seen = None
         self._log_finished(finished, now)
         for mode, docs in claimed.items():
             for seq, doc in docs:
                 self._dispatch(seq, doc, mode, now)
-            if docs:
-                self._seen = None  # there may be more: look again next time
 
     def _wait(self):
         """Sleep until a task finishes, or briefly when there may be new work."""
@@ -1191,6 +1191,7 @@ class Worker:
         if now >= self._next_reap:
             self._next_reap = now + REAP_INTERVAL
             for doc in store.reap(self.id, now):
+                self._seen = None
                 logger.warning("Task %s: its worker died; %s", doc["id"][:8],
                                "giving up" if doc["status"] == "failed" else "back to pending")
 
@@ -1206,6 +1207,7 @@ class Worker:
                     doc = task._document((), {}, now, now, task.priority)
                     store.enqueue_in(conn, [doc])
             if due is True:
+                self._seen = None
                 logger.info("Periodic task %s enqueued as %s", task.name, doc["id"][:8])
             else:
                 self._periodic_due[task.name] = due

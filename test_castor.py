@@ -4,6 +4,8 @@ Every wait has a deadline (``wait_for``); nothing sleeps and hopes.
 """
 
 import asyncio
+import collections
+import contextlib
 import datetime
 import importlib
 import itertools
@@ -266,7 +268,7 @@ class Project:
                 proc.kill()
                 proc.wait()
                 for kid in kids:
-                    with __import__("contextlib").suppress(ProcessLookupError):
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(kid, signal.SIGKILL)
         if self._mod is not None:
             self._mod.db.close()
@@ -660,3 +662,215 @@ def test_castor_copied_alone_into_a_project(tmp_path):
         worker.send_signal(signal.SIGINT)
         worker.communicate(timeout=30)
     assert worker.returncode == 0
+
+
+# Reliability: kill -9, signals, faults ########################################
+
+POISON = '''
+@manager.task(mode="thread")
+def poison():
+    mark("poison")
+    os.kill(os.getpid(), 9)  # takes its worker down with it, every time
+'''
+
+
+def _doc(project, handle):
+    return project.manager.get_task_by_id(handle.id).info()
+
+
+def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
+    handles = project.mod.sleepy.map([(0.05, f"t{i}") for i in range(300)])
+    worker = project.start("--workers", "1", "--threads", "4")
+    wait_for(lambda: len(project.runs()) > 100, what="drain under way")
+    kids = children_of(worker.pid)
+    worker.kill()  # kill -9, pool children too
+    for kid in kids:
+        os.kill(kid, signal.SIGKILL)
+    worker.wait()
+    interrupted = [h for h in handles if h.status() == "running"]
+    assert interrupted, "the kill should have caught some tasks running"
+    project.start("--workers", "1", "--threads", "4")
+    for handle in handles:
+        assert handle.join(timeout=60) == 0.05
+    starts = collections.Counter(label for label in project.labels() if label.endswith(":start"))
+    ends = collections.Counter(label for label in project.labels() if label.endswith(":end"))
+    assert set(ends) == {f"t{i}:end" for i in range(300)}
+    for handle in interrupted:
+        label = handle.info()["args"][1]
+        assert starts[label + ":start"] == 2  # ran again, exactly once more
+        assert handle.info()["losses"] == 1 and handle.info()["attempts"] == 1
+    assert sum(starts.values()) == 300 + len(interrupted)
+
+
+def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
+    first = project.start("--workers", "1")
+    handle = project.mod.sleepy.delay(1.0, "moved")
+    wait_for(lambda: handle.status() == "running", what="task running")
+    second = project.start("--workers", "1")
+    first.kill()
+    first.wait()
+    killed_at = time.monotonic()
+    assert handle.join(timeout=20) == 1.0
+    assert time.monotonic() - killed_at < 15 + 1.0
+    doc = handle.info()
+    assert doc["losses"] == 1 and doc["worker"].split(":")[1] == str(second.pid)
+    assert project.labels().count("moved:start") == 2
+
+
+def test_poison_task_fails_after_three_lost_workers(make_project):
+    proj = make_project(POISON)
+    handle = proj.mod.poison.delay()
+    for attempt in range(3):
+        worker = proj.start("--workers", "1", wait=False)
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+    proj.start("--workers", "1")
+    with pytest.raises(TaskError, match="worker lost 3 times"):
+        handle.join(timeout=20)
+    assert proj.labels() == ["poison"] * 3
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3  # and the worker serves on
+
+
+def test_losing_a_worker_does_not_use_up_retries(make_project):
+    proj = make_project('''
+@manager.task(mode="thread", retries=1, retry_delay=0.1)
+def once_deadly():
+    mark("deadly")
+    if len(open(os.path.join(HERE, "runs.log")).readlines()) == 1:
+        os.kill(os.getpid(), 9)
+    raise ValueError("plain failure")
+''')
+    handle = proj.mod.once_deadly.delay()
+    worker = proj.start("--workers", "1", wait=False)
+    assert worker.wait(timeout=30) == -signal.SIGKILL
+    proj.start("--workers", "1")
+    with pytest.raises(ValueError, match="plain failure"):
+        handle.join(timeout=20)
+    doc = handle.info()
+    # one lost run, then both of its attempts (1 try + 1 retry) really ran
+    assert proj.labels() == ["deadly"] * 3 and doc["attempts"] == 2 and doc["losses"] == 1
+
+
+def _shutdown_scenario(project, send):
+    """Critical and daemon tasks, thread and process, running at shutdown."""
+    worker = project.start("--workers", "2", "--threads", "4", start_new_session=True)
+    mod = project.mod
+    crit_thread = mod.sleepy.delay(2.0, "ct")
+    crit_proc = mod.psleepy.delay(2.0, "cp")
+    daemon_thread = mod.dsleepy.delay(60)
+    daemon_proc = mod.pdsleepy.delay(60)
+    wait_for(lambda: {"ct:start", "cp:start", "pd:start"} <= set(project.labels())
+             and daemon_thread.status() == "running", what="all four running")
+    pool = children_of(worker.pid)
+    assert len(pool) == 2
+    send(worker)
+    worker.wait(timeout=30)
+    code, err = worker.returncode, project.output(worker)[1]
+    assert code == 0, err
+    assert crit_thread.join(timeout=1) == 2.0
+    assert crit_proc.join(timeout=1) in pool
+    for handle in (daemon_thread, daemon_proc):
+        with pytest.raises(TaskError, match="terminated at shutdown"):
+            handle.join(timeout=1)
+    assert "Traceback" not in err
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
+    assert set(project.labels()) >= {"ct:end", "cp:end"}
+
+
+def test_sigterm_to_main_process_waits_for_critical_and_kills_daemon(project):
+    _shutdown_scenario(project, lambda w: w.send_signal(signal.SIGTERM))
+
+
+def test_ctrl_c_to_the_process_group_spares_critical_process_task(project):
+    # A terminal sends SIGINT to the whole foreground process group.
+    _shutdown_scenario(project, lambda w: os.killpg(w.pid, signal.SIGINT))
+
+
+def test_second_signal_exits_at_once_and_gives_tasks_back(project):
+    worker = project.start("--workers", "1", "--threads", "2")
+    thread_task = project.mod.sleepy.delay(3, "slow")
+    proc_task = project.mod.psleepy.delay(3, "pslow")
+    wait_for(lambda: {"slow:start", "pslow:start"} <= set(project.labels()), what="both running")
+    pool = children_of(worker.pid)
+    worker.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in project.output(worker)[1], what="graceful stop begun")
+    worker.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    worker.wait(timeout=10)
+    assert time.monotonic() - started < 3, "the second signal must not wait for tasks"
+    assert worker.returncode == 1
+    assert thread_task.status() == "pending" and proc_task.status() == "pending"
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
+    project.start("--workers", "1", "--threads", "2")
+    assert thread_task.join(timeout=20) == 3
+    assert proc_task.join(timeout=20)
+    assert project.labels().count("slow:start") == 2
+    assert thread_task.info()["losses"] == 0
+
+
+def test_no_child_outlives_a_killed_worker(project):
+    worker = project.start("--workers", "2")
+    handle = project.mod.psleepy.delay(60)
+    wait_for(lambda: handle.status() == "running")
+    wait_for(lambda: len(children_of(worker.pid)) == 2, what="pool up")
+    pool = children_of(worker.pid)
+    worker.kill()  # only the worker: its children must notice and exit
+    worker.wait()
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=10, what="orphans exit")
+
+
+def test_process_that_kills_itself_fails_and_pool_recovers(project):
+    worker = project.start("--workers", "1")
+    with pytest.raises(TaskError, match=r"process died \(exit status 3\)"):
+        project.mod.suicide.delay().join(timeout=30)
+    assert project.mod.process_pid.delay().join(timeout=30) in children_of(worker.pid)
+    assert worker.poll() is None
+
+
+def test_locked_database_makes_the_worker_wait_not_crash(project):
+    worker = project.start("--workers", "1")
+    handles = project.mod.add.map([(i, i) for i in range(5)])
+    for handle in handles:
+        handle.join(timeout=20)
+    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    locker.execute("INSERT INTO castor_stats VALUES ('lock-test', 0)")
+    queued = []
+    enqueuer = threading.Thread(target=lambda: queued.append(project.mod.add.delay(2, 2)))
+    enqueuer.start()  # waits on the lock too
+    time.sleep(4)  # the lock is the point here: hold it for several seconds
+    assert worker.poll() is None and not queued
+    locker.execute("ROLLBACK")
+    locker.close()
+    enqueuer.join(timeout=30)
+    assert queued[0].join(timeout=20) == 4
+    assert worker.poll() is None
+    assert "Traceback" not in project.output(worker)[1]
+
+
+def test_garbage_document_fails_that_task_only(project):
+    mod = project.mod
+    good1, bad, weird, good2 = (mod.add.delay(1, 1), mod.add.delay(2, 2),
+                                mod.add.delay(3, 3), mod.add.delay(4, 4))
+    docs = mod.db.dict("castor_tasks")
+    docs[bad.id] = "garbage"
+    docs[weird.id] = dict(docs[weird.id], args="not-a-list")
+    project.start("--workers", "1")
+    assert good1.join(timeout=20) == 2 and good2.join(timeout=20) == 8
+    with pytest.raises(TaskError, match="corrupt"):
+        bad.join(timeout=20)
+    with pytest.raises(TaskError, match="bad args"):
+        weird.join(timeout=20)
+
+
+def test_restarting_a_worker_loses_nothing(project):
+    handles = project.mod.sleepy.map([(0.01, f"r{i}") for i in range(150)])
+    worker = project.start("--workers", "1", "--threads", "2")
+    wait_for(lambda: len(project.runs()) > 40, what="some done")
+    code, _, _ = project.stop(worker)
+    assert code == 0
+    assert any(h.status() == "pending" for h in handles)
+    project.start("--workers", "1", "--threads", "2")
+    for handle in handles:
+        handle.join(timeout=60)
+    starts = collections.Counter(l for l in project.labels() if l.endswith(":start"))
+    assert len(starts) == 150 and set(starts.values()) == {1}  # graceful: no rerun
