@@ -874,3 +874,230 @@ def test_restarting_a_worker_loses_nothing(project):
         handle.join(timeout=60)
     starts = collections.Counter(l for l in project.labels() if l.endswith(":start"))
     assert len(starts) == 150 and set(starts.values()) == {1}  # graceful: no rerun
+
+
+# Retries, scheduling, periodic, cancel, timeouts, priorities ##################
+
+FEATURES = '''
+def _count_runs(label):
+    mark(label)
+    with open(os.path.join(HERE, "runs.log")) as fh:
+        return sum(1 for line in fh if json.loads(line)[0] == label)
+
+
+@manager.task(mode="thread", retries=2, retry_delay=0.3)
+def flaky():
+    if _count_runs("flaky") < 3:
+        raise ConnectionError("try again")
+    return "third time lucky"
+
+
+@manager.task(mode="process", retries=1, retry_delay=0.1)
+def hopeless():
+    raise ValueError(f"attempt {_count_runs('hopeless')}")
+
+
+@manager.task(mode="thread", retries=1, retry_delay=1.5)
+def slow_retry():
+    if _count_runs("slow_retry") < 2:
+        raise RuntimeError("first attempt fails")
+    return "ok"
+
+
+@manager.task(mode="process", timeout=0.5)
+def stuck_process():
+    mark("stuck")
+    time.sleep(60)
+
+
+@manager.task(mode="thread", timeout=0.3)
+def stuck_thread():
+    time.sleep(1.5)
+    mark("late")
+    return "too late"
+
+
+@manager.task(mode="thread", every=1.0)
+def tick():
+    mark("tick")
+'''
+
+
+def test_retries_with_backoff_then_success(make_project):
+    proj = make_project(FEATURES)
+    handle = proj.mod.flaky.delay()
+    proj.start("--workers", "1")
+    wait_for(lambda: handle.info().get("attempts") == 1 and handle.status() == "pending",
+             what="waiting for its retry")
+    assert "ConnectionError: try again" in handle.info()["error"]
+    assert handle.join(timeout=20) == "third time lucky"
+    times = [t for label, _, t in proj.runs() if label == "flaky"]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.3 and times[2] - times[1] >= 0.6  # 0.3 * 2**(n-1)
+    assert handle.info()["attempts"] == 3 and handle.info()["error"] is None
+
+
+def test_exhausted_retries_land_in_the_dead_letter_set(make_project):
+    proj = make_project(FEATURES)
+    handle = proj.mod.hopeless.delay()
+    proj.start("--workers", "1")
+    with pytest.raises(ValueError, match="attempt 2"):  # the last error
+        handle.join(timeout=30)
+    failed = proj.manager.tasks(status="failed")
+    assert [doc["id"] for doc in failed] == [handle.id]
+    assert "ValueError: attempt 2" in failed[0]["error"] and failed[0]["attempts"] == 2
+
+
+def test_retry_pending_across_a_worker_restart(make_project):
+    proj = make_project(FEATURES)
+    handle = proj.mod.slow_retry.delay()
+    worker = proj.start("--workers", "1")
+    wait_for(lambda: handle.info().get("attempts") == 1 and handle.status() == "pending")
+    assert proj.stop(worker)[0] == 0
+    proj.start("--workers", "1")
+    assert handle.join(timeout=20) == "ok"
+    times = [t for label, _, t in proj.runs() if label == "slow_retry"]
+    assert len(times) == 2 and times[1] - times[0] >= 1.5
+
+
+def test_schedule_runs_no_earlier_than_asked_and_promptly(project):
+    project.start("--workers", "1")
+    mod = project.mod
+    later = mod.add.schedule((1, 2), delay=1.0)
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1.5)
+    at_handle = mod.add.schedule(kwargs={"a": 2, "b": 2}, at=at)
+    assert later.status() == "pending" and later.info()["eta"] is not None
+    assert later.join(timeout=20) == 3 and at_handle.join(timeout=20) == 4
+    for handle, wanted in ((later, 1.0), (at_handle, 1.5)):
+        doc = handle.info()
+        lag = castor._parse_iso(doc["started_at"]) - castor._parse_iso(doc["enqueued_at"])
+        assert wanted <= lag < wanted + 0.5, lag
+    with pytest.raises(TypeError, match="aware"):
+        mod.add.schedule((1, 1), at=datetime.datetime.now())
+    with pytest.raises(TypeError, match="not both"):
+        mod.add.schedule((1, 1), delay=1, at=at)
+    with pytest.raises(ValueError):
+        mod.add.schedule((1, 1), delay=-1)
+
+
+def test_periodic_task_once_per_period_with_two_workers(make_project):
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1")
+    proj.start("--workers", "1")
+    wait_for(lambda: proj.labels().count("tick") >= 4, timeout=15, what="4 ticks")
+    ticks = sorted(t for label, _, t in proj.runs() if label == "tick")
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert all(0.8 < gap < 1.3 for gap in gaps), gaps  # no duplicates, none missed
+    docs = [d for d in proj.manager.tasks(limit=100) if d["task_name"].endswith(".tick")]
+    assert len(docs) >= 4 and {d["status"] for d in docs} <= {"success", "running", "pending"}
+    with pytest.raises(ValueError, match="no arguments"):
+        proj.manager.task(mode="thread", every=5)(lambda x: x)
+
+
+def test_cancel_pending_running_and_finished(project):
+    mod = project.mod
+    pending = mod.record.delay("never")
+    assert pending.cancel() is True and pending.status() == "cancelled" and pending
+    with pytest.raises(TaskError, match="cancelled"):
+        pending.join(timeout=1)
+    project.start("--workers", "1")
+    running = mod.sleepy.delay(1.0, "busy")
+    wait_for(lambda: running.status() == "running")
+    assert running.cancel() is False
+    assert running.join(timeout=20) == 1.0
+    assert running.cancel() is False
+    assert "never" not in project.labels()
+    assert project.manager.counts()["cancelled"] == 1
+
+
+def test_cancel_racing_claims(project):
+    handles = project.mod.record.map([(f"c{i}",) for i in range(300)])
+    project.start("--workers", "1", "--threads", "4")
+    outcomes = [(h, h.cancel()) for h in handles]
+    wait_for(lambda: all(h for h in handles), what="all finished or cancelled")
+    ran = collections.Counter(project.labels())
+    assert any(c for _, c in outcomes) and not all(c for _, c in outcomes)
+    for handle, cancelled in outcomes:
+        label = handle.info()["args"][0]
+        if cancelled:
+            assert handle.status() == "cancelled" and ran[label] == 0
+        else:
+            assert handle.status() == "success" and ran[label] == 1
+
+
+def test_process_timeout_kills_and_replaces_the_process(make_project):
+    proj = make_project(FEATURES)
+    worker = proj.start("--workers", "1")
+    before = proj.mod.process_pid.delay().join(timeout=30)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="timeout of 0.5s"):
+        proj.mod.stuck_process.delay().join(timeout=20)
+    assert time.monotonic() - started < 5
+    assert not alive(before)
+    after = proj.mod.process_pid.delay().join(timeout=30)
+    assert after != before and after in children_of(worker.pid)
+
+
+def test_thread_timeout_fails_and_discards_the_late_result(make_project):
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1", "--threads", "2")
+    handle = proj.mod.stuck_thread.delay()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="timeout of 0.3s"):
+        handle.join(timeout=20)
+    assert time.monotonic() - started < 1.4
+    wait_for(lambda: "late" in proj.labels(), what="the thread to finish anyway")
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    assert handle.status() == "failed" and handle.info()["result"] is None
+
+
+def test_priority_lower_first_fifo_within(project):
+    mod = project.mod
+    for i in range(3):
+        mod.record.schedule((f"low{i}",), priority=5)
+    for i in range(3):
+        mod.record.schedule((f"high{i}",), priority=-1)
+    handles = [mod.record.delay(f"mid{i}") for i in range(3)]
+    project.start("--workers", "1", "--threads", "1")
+    for handle in handles:
+        handle.join(timeout=20)
+    wait_for(lambda: len(project.labels()) == 9)
+    assert project.labels() == ["high0", "high1", "high2", "mid0", "mid1", "mid2",
+                                "low0", "low1", "low2"]
+
+
+def test_map_enqueues_in_one_go(project):
+    handles = project.mod.add.map([(1, 2), (3, 4), (5, 6)])
+    single = project.mod.thread_pid.map([()])
+    assert len({h.info()["enqueued_at"] for h in handles}) == 1
+    project.start("--workers", "1")
+    assert [h.join(timeout=20) for h in handles] == [3, 7, 11]
+    assert single[0].join(timeout=20)
+    items = project.mod.record.map(["a", "b"])  # non-tuples are one argument each
+    assert [h.join(timeout=20) for h in items] == ["a", "b"]
+
+
+def test_tasks_counts_and_prune(project):
+    mod = project.mod
+    project.start("--workers", "1")
+    done = [mod.add.delay(i, i) for i in range(4)]
+    failed = mod.boom.delay("x")
+    for handle in done:
+        handle.join(timeout=20)
+    with pytest.raises(ValueError):
+        failed.join(timeout=20)
+    waiting = mod.add.schedule((0, 0), delay=3600)
+    counts = project.manager.counts()
+    assert counts == {"pending": 1, "running": 0, "success": 4, "failed": 1, "cancelled": 0}
+    newest = project.manager.tasks(limit=2)
+    assert [d["id"] for d in newest] == [waiting.id, failed.id]
+    assert [d["id"] for d in project.manager.tasks(status="success")] == [h.id for h in done[::-1]]
+    with pytest.raises(ValueError):
+        project.manager.tasks(status="weird")
+    assert project.manager.prune(older_than=3600) == 0
+    assert project.manager.prune(older_than=0) == 5
+    assert project.manager.counts() == dict(counts, success=0, failed=0)
+    assert project.manager.get_task_by_id(done[0].id) is None
+    assert list(mod.db.dict("castor_tasks").keys()) == [waiting.id]
+    with pytest.raises(castor.UnknownTaskError):
+        done[0].status()
