@@ -37,6 +37,7 @@ import asyncio
 import builtins
 import collections
 import contextlib
+import ctypes
 import datetime
 import functools
 import importlib
@@ -92,13 +93,8 @@ REAP_INTERVAL = 2.0
 #: A task whose worker died this many times fails instead of running again.
 MAX_LOSSES = 3
 
-#: How often an idle worker looks for new work: cheap, and fast enough that a
-#: new task starts within a few milliseconds.
+#: Where inotify is missing, how often an idle worker looks for new work.
 IDLE_POLL = 0.002
-
-#: How long a worker with no free slot sleeps when no task finishes; bounds
-#: how fast it notices a signal.
-BUSY_POLL = 0.2
 
 #: SQLite busy timeout: a file write-locked by someone else is waited for.
 BUSY_TIMEOUT = 60.0
@@ -988,14 +984,13 @@ class Worker:
         self.stats = collections.Counter()
         self._stop = threading.Event()
         self._abort = threading.Event()
-        self._done = queue.Queue()
+        self._inbox = _Inbox(manager.path)
         self._running = {}
         self._abandoned = 0  # thread tasks that timed out but still hold a thread
         self._threads = None
         self._procs = None
         self._next_eta = None
         self._seen = None
-        self._stash = []
         self._next_beat = self._next_reap = 0.0
         self._periodic_due = {}
 
@@ -1004,7 +999,7 @@ class Worker:
     def stop(self, now=False):
         """Stop claiming and finish running tasks; ``now=True`` gives them back."""
         (self._abort if now else self._stop).set()
-        self._done.put(None)  # wake the loop
+        self._inbox.put(None)  # wake the loop
 
     def busy(self):
         """``{"thread": (busy, total), "process": (busy, total)}``."""
@@ -1041,7 +1036,7 @@ class Worker:
                 self._abort.wait(0.5)
             if self._stop.is_set() and self.state == "Stopping" and not self._running:
                 return
-            self._wait()
+            self._wait(time.time())
 
     def _tick(self, now):
         if self._stop.is_set() and self.state == "Running":
@@ -1073,20 +1068,18 @@ class Worker:
             for seq, doc in docs:
                 self._dispatch(seq, doc, mode, now)
 
-    def _wait(self):
-        """Sleep until a task finishes, or briefly when there may be new work."""
-        idle = self._free_modes() and not self._stop.is_set()
-        with contextlib.suppress(queue.Empty):
-            self._stash.append(self._done.get(timeout=IDLE_POLL if idle else BUSY_POLL))
+    def _wait(self, now):
+        """Sleep until the file changes, a task finishes, or something falls due."""
+        wake = [self._next_beat]
+        wake += [run.deadline for run in self._running.values() if run.deadline is not None]
+        if self._free_modes() and not self._stop.is_set():
+            wake += [self._next_eta or wake[0], *self._periodic_due.values()]
+        self._inbox.wait(max(0.0, min(wake) - now))
 
     def _collect(self):
         """Completions from the pools: (run, reply, finished_at)."""
-        items, self._stash = self._stash, []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                items.append(self._done.get_nowait())
         finished = []
-        for item in items:
+        for item in self._inbox.drain():
             if item is None:
                 continue
             task_id, reply, ended = item
@@ -1173,7 +1166,7 @@ class Worker:
         self._running[doc["id"]] = run
         problem = _job_problem(doc, task, self.target)
         if problem is not None:
-            self._done.put((doc["id"], {"ok": False, "error": _castor_error(problem)}, time.time()))
+            self._inbox.put((doc["id"], {"ok": False, "error": _castor_error(problem)}, time.time()))
             return
         logger.info("Task %s started: %s", doc["id"][:8], _call_repr(doc))
         job = {"id": doc["id"], "name": task.name, "args": doc["args"],
@@ -1215,21 +1208,26 @@ class Worker:
     # Start and stop -----------------------------------------------------------
 
     def _start_pools(self):
-        self._threads = _ThreadPool(self.manager, self.threads, self._done)
+        self._threads = _ThreadPool(self.manager, self.threads, self._inbox)
         if any(t.mode == "process" for t in self.manager._tasks.values()):
             config = _child_config(self.manager, self.target, self.imports)
-            self._procs = _ProcessPool(config, self.workers, self._done)
+            self._procs = _ProcessPool(config, self.workers, self._inbox)
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def on_signal(signum, frame):
-            # Only flags here (a queue.put could deadlock): the loop, which
-            # wakes at least every BUSY_POLL seconds, does the work.
+            # Only flags here; the wakeup fd below has already woken the loop.
             (self._abort if self._stop.is_set() else self._stop).set()
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+        previous_fd = signal.set_wakeup_fd(self._inbox.wakeup_fd)
+
+        def restore():
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return restore
 
     def _begin_stopping(self, now):
         """Stop claiming; daemon tasks are terminated, critical ones awaited."""
@@ -1262,6 +1260,7 @@ class Worker:
             store.deregister_worker(self.id)
         except sqlite3.Error:
             logger.exception("could not give back running tasks; other workers will")
+        self._inbox.close()
         logger.info("Worker %s stopped", self.id)
 
 
@@ -1294,6 +1293,78 @@ def _call_repr(doc):
     parts = [repr(a) for a in doc["args"]] + [f"{k}={v!r}" for k, v in doc["kwargs"].items()]
     text = f"{doc['task_name']}({', '.join(parts)})"
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+# Worker: waking up ###########################################################
+#
+# An idle worker must start a new task within milliseconds yet cost almost no
+# CPU. It sleeps in select() on two file descriptors: a pipe that the pools
+# (and, through set_wakeup_fd, signals) write to when there is news, and an
+# inotify watch on the database's directory, which fires when any process
+# commits to the file (a commit writes the WAL). Where inotify is missing the
+# worker polls every IDLE_POLL seconds instead.
+
+
+class _Inbox:
+    """Completed tasks, plus a way to sleep until there is news."""
+
+    def __init__(self, db_path):
+        self._items = collections.deque()
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._watch = _inotify_watch(os.path.dirname(db_path))
+
+    @property
+    def wakeup_fd(self):
+        return self._write
+
+    def put(self, item):
+        self._items.append(item)  # deque.append is thread-safe
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"!")
+
+    def drain(self):
+        items = []
+        with contextlib.suppress(IndexError):
+            while True:
+                items.append(self._items.popleft())
+        return items
+
+    def wait(self, timeout):
+        if self._items:
+            return
+        fds = [self._read] if self._watch is None else [self._read, self._watch]
+        if self._watch is None:
+            timeout = min(timeout, IDLE_POLL)
+        ready, _, _ = select.select(fds, [], [], timeout)
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 65536):
+                    pass
+
+    def close(self):
+        for fd in (self._read, self._write, self._watch):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _inotify_watch(directory):
+    """A non-blocking inotify fd that becomes readable when files in
+    ``directory`` are written, or None where inotify is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    in_modify, in_create, in_moved_to = 0x2, 0x100, 0x80
+    if libc.inotify_add_watch(fd, os.fsencode(directory), in_modify | in_create | in_moved_to) < 0:
+        os.close(fd)
+        return None
+    return fd
 
 
 # Worker: thread pool ##########################################################
