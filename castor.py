@@ -34,6 +34,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import atexit
 import builtins
 import collections
 import contextlib
@@ -53,9 +54,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import termios
 import threading
 import time
 import traceback
+import unicodedata
 import uuid
 
 if __name__ == "__main__":
@@ -993,6 +996,7 @@ class Worker:
         self._seen = None
         self._next_beat = self._next_reap = 0.0
         self._periodic_due = {}
+        self._unrecorded = []
 
     # Public -------------------------------------------------------------------
 
@@ -1003,7 +1007,8 @@ class Worker:
 
     def busy(self):
         """``{"thread": (busy, total), "process": (busy, total)}``."""
-        modes = collections.Counter(run.mode for run in self._running.values())
+        # list() copies in one step: the dashboard calls this from its thread.
+        modes = collections.Counter(run.mode for run in list(self._running.values()))
         return {"thread": (modes["thread"] + self._abandoned, self.threads),
                 "process": (modes["process"], self.workers)}
 
@@ -1034,7 +1039,8 @@ class Worker:
             except Exception:
                 logger.exception("worker loop error (will retry)")
                 self._abort.wait(0.5)
-            if self._stop.is_set() and self.state == "Stopping" and not self._running:
+            if self._stop.is_set() and self.state == "Stopping" and not (
+                    self._running or self._unrecorded):
                 return
             self._wait(time.time())
 
@@ -1049,8 +1055,10 @@ class Worker:
 
     def _step(self, now):
         """One iteration: record finished tasks and claim new ones, one transaction."""
-        finished = self._collect()
-        finished += self._expired(now)
+        # Outcomes stay in _unrecorded until a commit holds them: a failed
+        # transaction (a file locked too long) must not lose a result.
+        self._unrecorded += self._collect() + self._expired(now)
+        finished = self._unrecorded
         modes = [] if self._stop.is_set() else self._free_modes()
         if modes and not self._worth_claiming(modes, now):
             modes = []
@@ -1061,6 +1069,7 @@ class Worker:
             self._record(conn, finished, now)
             claimed = {mode: store.claim(conn, self.id, mode, free, now)
                        for mode, free in modes}
+        self._unrecorded = []
         # Our own commits do not move our data_version: look again next time.
         self._seen = None
         self._log_finished(finished, now)
@@ -1241,11 +1250,9 @@ class Worker:
                 self._procs.kill(run.doc["id"])
             else:
                 self._abandoned += 1
-        terminated = [(run, {"ok": False, "error": _castor_error("terminated at shutdown")}, now)
-                      for run in daemons]
-        with self.manager._store.transaction() as conn:
-            self._record(conn, terminated, now)
-        self._log_finished(terminated, now)
+        self._unrecorded += [
+            (run, {"ok": False, "error": _castor_error("terminated at shutdown")}, now)
+            for run in daemons]
 
     def _shutdown(self, forced):
         """Leave nothing behind: children killed, unfinished tasks given back."""
@@ -1253,9 +1260,9 @@ class Worker:
             self._procs.close(kill=forced)
         store = self.manager._store
         try:
-            if self._running:
-                with store.transaction() as conn:
-                    requeued = store.requeue_owned(conn, self.id, time.time(), count_loss=False)
+            with store.transaction() as conn:
+                requeued = store.requeue_owned(conn, self.id, time.time(), count_loss=False)
+            if requeued:
                 logger.warning("Exiting now: %d running task(s) back to pending", len(requeued))
             store.deregister_worker(self.id)
         except sqlite3.Error:
@@ -1586,6 +1593,446 @@ def _watch_parent(parent):
     threading.Thread(target=watch, name="castor-watch-parent", daemon=True).start()
 
 
+# Dashboard ####################################################################
+#
+# ``castor -i`` in a terminal: the worker runs in the main thread, where its
+# signal handlers live, so Ctrl+C behaves exactly as without -i; a daemon
+# thread draws the screen a few times a second. Each frame is built as one
+# string (cursor home, every line padded to the full width, nothing cleared
+# first) and written at once, so nothing flickers, and a task's stray print
+# is painted over by the next frame. The numbers come from Manager.counts()
+# and the newest few documents, never from a scan of the store.
+
+#: Seconds between two frames.
+DASHBOARD_REFRESH = 0.25
+
+#: The completion rate is measured over this many seconds.
+RATE_WINDOW = 10.0
+
+#: Log records kept for the Logs panel (more than the tallest screen shows).
+LOG_TAIL = 500
+
+#: Width of the Worker Stats panel; Latest Tasks takes the rest.
+_STATS_WIDTH = 26
+
+#: Escape sequences: enter (and leave) the alternate screen, hide the cursor.
+_SCREEN_ENTER = "\x1b[?1049h\x1b[?25l\x1b[2J"
+_SCREEN_LEAVE = "\x1b[?1049l\x1b[?25h"
+
+#: SGR colours of the task statuses in Latest Tasks.
+_STATUS_SGR = {"success": "32", "running": "33", "failed": "31",
+               "pending": "36", "cancelled": "35"}
+
+#: SGR colours of the log levels in Logs.
+_LEVEL_SGR = {"DEBUG": "2", "INFO": "32", "WARNING": "33", "ERROR": "1;31",
+              "CRITICAL": "1;31"}
+
+#: What the header says for each Worker.state.
+_STATE_TEXT = {"Idle": ("Starting", "36"), "Running": ("Running", "1;32"),
+               "Stopping": ("Stopping…", "1;33"), "Stopped": ("Stopped", "1;31")}
+
+
+def _run_dashboard(worker, target, handler):
+    """``castor -i``: the worker in this thread, the dashboard in another."""
+    if os.environ.get("TERM") == "dumb":  # no cursor movement to draw with
+        logger.info("TERM is dumb: no dashboard, plain logs instead")
+        logger.info("Starting server... Ctrl+C to stop.")
+        return worker.run()
+    dashboard = _Dashboard(worker, target, sys.stdout)
+    logger.removeHandler(handler)  # it would scribble over the screen
+    logger.addHandler(dashboard.logs)
+    try:
+        dashboard.open()
+        logger.info("Starting server... Ctrl+C to stop.")
+        return worker.run()
+    finally:
+        dashboard.close()
+        logger.removeHandler(dashboard.logs)
+        logger.addHandler(handler)
+
+
+class _Dashboard:
+    """The screen of ``castor -i``, drawn by a daemon thread."""
+
+    def __init__(self, worker, target, out):
+        self.worker, self.target, self.out = worker, target, out
+        self.color = not os.environ.get("NO_COLOR")  # https://no-color.org
+        self.logs = _LogTail(LOG_TAIL)
+        self.rate = _Rate(RATE_WINDOW)
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # a frame is never written after close()
+        self._thread = None
+        self._undo = []
+
+    def open(self):
+        """Take over the terminal and start drawing."""
+        atexit.register(self.close)  # even if the interpreter exits under us
+        self._undo.append(self._quiet_keyboard())
+        self._undo.append(self._watch_resizes())
+        self._write(_SCREEN_ENTER)
+        self._thread = threading.Thread(target=self._loop, name="castor-dashboard", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        """Stop drawing and give the terminal back as it was; safe to repeat."""
+        atexit.unregister(self.close)
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            with contextlib.suppress(OSError, ValueError):
+                self._write(("\x1b[0m" if self.color else "") + _SCREEN_LEAVE)
+        while self._undo:
+            with contextlib.suppress(Exception):
+                self._undo.pop()()
+        # Only now that the SIGWINCH handler is gone: one firing inside this
+        # set() would wait forever for the lock that set() holds.
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+
+    def draw(self, now, clock):
+        """Read the numbers, build one frame and write it in one go."""
+        cols, rows = self._size()
+        layout = _Layout(cols, rows)
+        view = self._snapshot(layout, now, clock)
+        frame = _frame(_render(view, layout, self.color), rows)
+        with self._lock:
+            if not self._closed.is_set():
+                self._write(frame)
+
+    def _loop(self):
+        while not self._closed.is_set():
+            try:
+                self.draw(time.time(), time.monotonic())
+            except Exception:  # a bad frame must never take the worker down
+                logger.debug("dashboard: could not draw a frame", exc_info=True)
+            self._wake.wait(DASHBOARD_REFRESH)
+            self._wake.clear()
+
+    def _snapshot(self, layout, now, clock):
+        """Everything a frame shows, read once: cheap queries only."""
+        manager = self.worker.manager
+        counts = manager.counts()  # counters and partial indexes, no scan
+        return {
+            "version": __version__, "target": self.target, "state": self.worker.state,
+            "busy": self.worker.busy(), "counts": counts,
+            "rate": self.rate.update(clock, counts["success"] + counts["failed"]),
+            "tasks": _latest(manager, layout.body),
+            "logs": self.logs.tail(layout.log_rows), "now": now,
+        }
+
+    def _size(self):
+        # The terminal's own size, not $COLUMNS/$LINES, which go stale on resize.
+        try:
+            return os.get_terminal_size(self.out.fileno())
+        except (AttributeError, ValueError, OSError):
+            return os.terminal_size((80, 24))
+
+    def _write(self, text):
+        # Bytes, so a terminal that cannot show Λ or … gets "?" instead of a crash.
+        buffer = getattr(self.out, "buffer", None)
+        if buffer is None:
+            self.out.write(text)
+        else:
+            self.out.flush()
+            buffer.write(text.encode(self.out.encoding or "utf-8", "replace"))
+        self.out.flush()
+
+    def _quiet_keyboard(self):
+        """No echo of keys (^C included) over the screen; keys typed meanwhile
+        are dropped on exit rather than handed to the shell."""
+        try:
+            fd = sys.stdin.fileno()
+            saved = termios.tcgetattr(fd)
+        except (AttributeError, ValueError, OSError, termios.error):
+            return lambda: None  # stdin is not a terminal: nothing to quiet
+        if not _in_foreground(fd):
+            return lambda: None  # a background job changing it would be stopped
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO  # lflag; ISIG stays, so Ctrl+C still signals
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+
+        def restore():
+            if _in_foreground(fd):  # not if Ctrl+Z and bg sent us to the background
+                termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        return restore
+
+    def _watch_resizes(self):
+        """Redraw at once on SIGWINCH; the handler only sets a flag."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # frames follow the size anyway, 4 times a second
+        previous = signal.signal(signal.SIGWINCH, lambda signum, frame: self._wake.set())
+        return lambda: signal.signal(signal.SIGWINCH, previous)
+
+
+def _in_foreground(fd):
+    return os.tcgetpgrp(fd) == os.getpgrp()
+
+
+class _LogTail(logging.Handler):
+    """Keeps the latest log records, as (time, level, text), for the Logs panel."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.lines = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                text += ": " + traceback.format_exception_only(exc)[-1].strip()
+            self.lines.append((record.created, record.levelname, text))
+        except Exception:
+            self.handleError(record)
+
+    def tail(self, n):
+        with self.lock:  # emit() runs in the worker's threads
+            return list(self.lines)[-n:] if n > 0 else []
+
+
+class _Rate:
+    """Tasks finished per second over the last ``window`` seconds."""
+
+    def __init__(self, window):
+        self.window = window
+        self.samples = collections.deque()
+
+    def update(self, now, finished):
+        """Record the finished count at ``now``; return the recent rate."""
+        samples = self.samples
+        samples.append((now, finished))
+        while len(samples) > 2 and samples[1][0] <= now - self.window:
+            samples.popleft()  # keep one sample at or before the window's start
+        then, before = samples[0]
+        if now <= then:
+            return 0.0
+        return max(0.0, (finished - before) / (now - then))  # prune lowers counts
+
+
+def _latest(manager, n):
+    """Running tasks first, since a backlog of new pending ones would hide
+    them, then the newest of the rest: at most 2n documents read."""
+    if n <= 0:
+        return []
+    running = manager.tasks(status="running", limit=n)
+    shown = {doc["id"] for doc in running}
+    return (running + [doc for doc in manager.tasks(limit=n) if doc["id"] not in shown])[:n]
+
+
+class _Layout:
+    """Where the panels go on a ``cols`` x ``rows`` screen.
+
+    Eight lines are the header and the borders; the rest is shared by the
+    upper panels (``body``) and the logs. Smaller screens are cut, not wrapped.
+    """
+
+    def __init__(self, cols, rows):
+        self.cols, self.rows = cols, rows
+        self.left = min(_STATS_WIDTH, max(0, (cols - 7) // 2))
+        self.right = max(0, cols - 7 - self.left)
+        room = max(0, rows - 8)
+        self.body = max(6, room // 2)  # the stats need six lines
+        self.log_rows = max(0, room - self.body)
+
+
+# Dashboard: drawing ###########################################################
+#
+# A line is built from segments, (text, SGR colour), and cut or padded to an
+# exact width by _fit, counting visible columns: colour codes are added only
+# after cutting, so they never count and are never cut in half.
+
+
+def _render(view, layout, color):
+    """The frame's lines, each exactly ``layout.cols`` columns wide."""
+    cols = layout.cols
+    if cols < 12:  # too narrow for panels: say what this is, at least
+        return [_fit([("castor", "1")], cols, color)]
+    return ([_fit(_header(view, cols), cols, color)]
+            + _upper_panels(view, layout, color)
+            + _logs_panel(view, layout, color)
+            + [_fit([(_bottom_rule(view["state"], cols), "")], cols, color)])
+
+
+def _upper_panels(view, layout, color):
+    """Worker Stats and Latest Tasks side by side, with their borders."""
+    left, right = layout.left, layout.right
+    rule = _fit([("+" + "-" * (left + 2) + "+" + "-" * (right + 2) + "+", "")], layout.cols, color)
+    titles = _pair([(_center("Worker Stats", left), "1")],
+                   [(_center("Latest Tasks", right), "1")], layout, color)
+    stats = _stats_rows(view)
+    tasks = [_task_row(doc, view["now"], right) for doc in view["tasks"]]
+    body = [_pair(stats[i] if i < len(stats) else [], tasks[i] if i < len(tasks) else [],
+                  layout, color) for i in range(layout.body)]
+    return [rule, titles, rule] + body
+
+
+def _logs_panel(view, layout, color):
+    """The latest log lines, newest at the bottom, under their title."""
+    rule = _fit([("+" + "-" * max(0, layout.cols - 2) + "+", "")], layout.cols, color)
+    rows = [_log_row(entry) for entry in view["logs"]]
+    rows = [[]] * (layout.log_rows - len(rows)) + rows
+    return [rule, _wide([("Logs (UTC)", "1")], layout.cols, color), rule] + [
+        _wide(row, layout.cols, color) for row in rows]
+
+
+def _frame(lines, rows):
+    """One write: cursor home, the lines over the old ones, the rest cleared.
+
+    Lines are already full width, so no erase is needed after them; and
+    erasing after a line that reaches the last column would wipe its last
+    character on many terminals.
+    """
+    lines = lines[:rows]
+    tail = "\r\n\x1b[J" if len(lines) < rows else ""
+    return "\x1b[H" + "\r\n".join(lines) + tail
+
+
+def _pair(left_row, right_row, layout, color):
+    """A line of the two upper panels: Worker Stats | Latest Tasks."""
+    return ("| " + _fit(left_row, layout.left, color) + " | "
+            + _fit(right_row, layout.right, color) + " |")
+
+
+def _wide(row, cols, color):
+    return "| " + _fit(row, max(0, cols - 4), color) + " |" if cols >= 4 else _fit(row, cols, color)
+
+
+def _header(view, cols):
+    state, sgr = _STATE_TEXT.get(view["state"], (view["state"], ""))
+    head = [(" C Λ S T O R", "1"), (f" v{view['version']}", "2"), (" | Manager: ", "")]
+    tail = [(" | Status: ", ""), (state, sgr)]
+    # The target gives way first, so the status shows on any width.
+    room = cols - _width("".join(text for text, _ in head + tail))
+    if room < 4:
+        return head[:2] + tail
+    return head + [(_ellipsize(view["target"], room), "")] + tail
+
+
+def _bottom_rule(state, cols):
+    hint = " Ctrl+C again: exit now " if state == "Stopping" else " Ctrl+C: stop "
+    if cols < 2 + _width(hint) + 4:
+        return "+" + "-" * max(0, cols - 2) + "+"
+    return "+--" + hint + "-" * (cols - 4 - _width(hint)) + "+"
+
+
+def _stats_rows(view):
+    counts, busy = view["counts"], view["busy"]
+    return [
+        [("Process Tasks: ", ""), ("%d / %d" % busy["process"], "1;32")],
+        [("Thread Tasks:  ", ""), ("%d / %d" % busy["thread"], "1;32")],
+        [("Pending Queue: ", ""), (f"{counts['pending']:,}", "1;36")],
+        [("Total Done:    ", ""), (f"{counts['success']:,}", "1")],
+        [("Failed:        ", ""), (f"{counts['failed']:,}", "1;31" if counts["failed"] else "1")],
+        [("Rate:          ", ""), (f"{view['rate']:.1f} tasks/s", "1")],
+    ]
+
+
+def _task_row(doc, now, width):
+    """``c4a3f2b1 SUCCESS   tasks.send_email   0.02s``, fitted to ``width``."""
+    status = str(doc.get("status"))
+    name_room = max(0, width - 27)  # id 8, status 9, duration 7, 3 spaces
+    return [(str(doc.get("id"))[:8], "2"), (" ", ""),
+            (status.upper().ljust(9), _STATUS_SGR.get(status, "")), (" ", ""),
+            (_short_name(str(doc.get("task_name")), name_room).ljust(name_room), ""),
+            (" " + _duration(doc, now).rjust(7), "")]
+
+
+def _short_name(name, room):
+    """The full task name, or just the function's name when that is too long."""
+    if _width(name) > room:
+        name = name.rsplit(".", 1)[-1]
+    return _ellipsize(name, room)
+
+
+def _duration(doc, now):
+    """How long the task ran, or has been running; blank if it never started."""
+    try:
+        started = _parse_iso(doc["started_at"])
+        ended = _parse_iso(doc["finished_at"]) if doc.get("finished_at") else now
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if doc.get("status") not in ("running", "success", "failed"):
+        return ""
+    seconds = max(0.0, ended - started)
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _log_row(entry):
+    created, level, text = entry
+    clock = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%H:%M:%S")
+    return [(clock + " ", "2"), (level.ljust(8), _LEVEL_SGR.get(level, "")), (text, "")]
+
+
+def _center(text, width):
+    return text.center(width) if _width(text) <= width else text
+
+
+# Dashboard: text width ########################################################
+
+
+def _fit(segments, width, color):
+    """Segments as exactly ``width`` columns: cut with "…", or padded."""
+    if width <= 0:
+        return ""
+    segments = [(_clean(text), sgr) for text, sgr in segments]
+    overflow = sum(_width(text) for text, _ in segments) > width
+    room = width - 1 if overflow else width  # one column for the "…"
+    parts, used = [], 0
+    for text, sgr in segments:
+        piece = _cut(text, room - used)
+        used += _width(piece)
+        if piece:
+            parts.append(f"\x1b[{sgr}m{piece}\x1b[0m" if color and sgr else piece)
+    if overflow:
+        parts.append("…")
+        used += 1
+    return "".join(parts) + " " * (width - used)
+
+
+def _ellipsize(text, width):
+    """``text`` cut to ``width`` columns, ending in "…" if it was longer."""
+    if _width(text) <= width:
+        return text
+    return _cut(text, width - 1) + "…" if width > 0 else ""
+
+
+def _cut(text, width):
+    """The longest start of ``text`` that takes at most ``width`` columns."""
+    if text.isascii():
+        return text[:max(0, width)]
+    used = 0
+    for i, char in enumerate(text):
+        used += _char_width(char)
+        if used > width:
+            return text[:i]
+    return text
+
+
+def _width(text):
+    """Columns ``text`` takes on a terminal (wide Asian characters take two)."""
+    return len(text) if text.isascii() else sum(_char_width(c) for c in text)
+
+
+def _char_width(char):
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _clean(text):
+    """No control characters on the screen: a task's data could move the cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 # CLI ##########################################################################
 
 
@@ -1675,10 +2122,6 @@ def main(argv=None):
         logger.info("stdout is not a terminal: no dashboard, plain logs instead")
     logger.info("Starting server... Ctrl+C to stop.")
     return worker.run()
-
-
-def _run_dashboard(worker, target, handler):
-    raise NotImplementedError
 
 
 if __name__ == "__main__":

@@ -4,18 +4,26 @@ Every wait has a deadline (``wait_for``); nothing sleeps and hopes.
 """
 
 import asyncio
+import codecs
 import collections
 import contextlib
 import datetime
+import fcntl
 import importlib
+import io
 import itertools
 import json
+import logging
 import os
+import pty
+import re
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -1101,3 +1109,462 @@ def test_tasks_counts_and_prune(project):
     assert list(mod.db.dict("castor_tasks").keys()) == [waiting.id]
     with pytest.raises(castor.UnknownTaskError):
         done[0].status()
+
+
+# Dashboard (-i) ###############################################################
+#
+# The worker runs in a real pseudo-terminal; a small screen emulator reads
+# what it draws, as a terminal would.
+
+dash = castor
+
+
+def dashboard_command(project, *flags):
+    """The command of a worker with the dashboard: ``python -m castor -i ...``."""
+    return [sys.executable, "-m", "castor", "-i", *flags, f"{project.module}:manager"]
+
+
+SGR = re.compile(rb"\x1b\[[0-9;]*m")
+RESTORE = b"\x1b[?1049l\x1b[?25h"
+
+
+class Screen:
+    """Just enough of a VT100 to read the dashboard: cursor moves, erases,
+    the alternate screen, colours ignored, and auto-wrap and scrolling
+    counted, since the dashboard must never wrap a line or scroll."""
+
+    def __init__(self, cols, rows):
+        self.modes = {}
+        self.wraps = self.scrolls = 0
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._state, self._params = "text", ""
+        self.resize(cols, rows)
+
+    def resize(self, cols, rows):
+        self.cols, self.rows = cols, rows
+        self.grid = [[" "] * cols for _ in range(rows)]
+        self.row = self.col = 0
+        self.wrap_next = False
+
+    def feed(self, data):
+        for char in self._decode(data):
+            self._char(char)
+
+    def lines(self):
+        return ["".join(row).rstrip() for row in self.grid]
+
+    def _char(self, char):
+        if self._state == "esc":
+            self._state, self._params = ("csi" if char == "[" else "text"), ""
+        elif self._state == "csi":
+            if "@" <= char <= "~":
+                self._state = "text"
+                self._csi(self._params, char)
+            else:
+                self._params += char
+        elif char == "\x1b":
+            self._state = "esc"
+        elif char == "\r":
+            self.col, self.wrap_next = 0, False
+        elif char == "\n":
+            self._line_feed()
+        elif char >= " ":
+            self._put(char)
+
+    def _put(self, char):
+        if self.wrap_next:  # a character past the last column wraps
+            self.wraps += 1
+            self.col = 0
+            self._line_feed()
+        self.grid[self.row][self.col] = char
+        if self.col == self.cols - 1:
+            self.wrap_next = True
+        else:
+            self.col += 1
+
+    def _line_feed(self):
+        self.wrap_next = False
+        if self.row == self.rows - 1:
+            self.scrolls += 1
+            self.grid = self.grid[1:] + [[" "] * self.cols]
+        else:
+            self.row += 1
+
+    def _csi(self, params, final):
+        if params.startswith("?"):
+            for mode in params[1:].split(";"):
+                self.modes[mode] = final == "h"
+                if mode == "1049":  # a fresh alternate screen, or back to the shell's
+                    self._erase(0, self.rows)
+            return
+        nums = [int(p) if p.isdigit() else 0 for p in params.split(";")]
+        if final in "Hf":
+            row, col = (nums + [0, 0])[:2]
+            self.row = min(max(row, 1), self.rows) - 1
+            self.col = min(max(col, 1), self.cols) - 1
+            self.wrap_next = False
+        elif final == "K":  # erase in line, from the cursor (as xterm: even when wrap is due)
+            spans = {0: (self.col, self.cols), 1: (0, self.col + 1)}
+            start, end = spans.get(nums[0], (0, self.cols))
+            self.grid[self.row][start:end] = [" "] * (end - start)
+        elif final == "J":
+            if nums[0] == 0:
+                self._csi("0", "K")
+                self._erase(self.row + 1, self.rows)
+            else:
+                self._erase(0, self.rows)
+
+    def _erase(self, first, last):
+        for row in range(first, last):
+            self.grid[row] = [" "] * self.cols
+
+
+def _take_terminal():
+    # In the child, after setsid(): the pty becomes its controlling terminal,
+    # so a ^C typed on it is a SIGINT from the line discipline, as for real.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class PtyWorker:
+    """A ``castor -i`` worker in a pseudo-terminal, and the screen it draws."""
+
+    def __init__(self, project, *flags, size=(80, 24), env=None):
+        self.master, slave = pty.openpty()
+        self.screen = Screen(*size)
+        self.raw = bytearray()
+        self._lock = threading.Lock()
+        self._set_size(*size)
+        env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+               "TERM": "xterm-256color", **(env or {})}
+        self.proc = subprocess.Popen(
+            dashboard_command(project, *flags), cwd=project.path, env=env,
+            stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True, preexec_fn=_take_terminal)
+        os.close(slave)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: every end of the terminal was closed
+                return
+            if not data:
+                return
+            with self._lock:
+                self.raw += data
+                self.screen.feed(data)
+
+    def _set_size(self, cols, rows):
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def resize(self, cols, rows):
+        with self._lock:
+            self.screen.resize(cols, rows)
+            self._set_size(cols, rows)
+
+    def lines(self):
+        with self._lock:
+            return self.screen.lines()
+
+    def output(self):
+        with self._lock:
+            return bytes(self.raw)
+
+    def wait_screen(self, predicate, what, timeout=15):
+        """The screen's lines once ``predicate(text)`` holds."""
+        def check():
+            lines = self.lines()
+            return lines if predicate("\n".join(lines)) else None
+        try:
+            return wait_for(check, timeout=timeout, what=what)
+        except AssertionError:
+            raise AssertionError(f"{what}; the screen:\n" + "\n".join(self.lines())) from None
+
+    def press(self, keys):
+        os.write(self.master, keys)
+
+    def finish(self, timeout=15):
+        """Wait for the worker to exit; return its status."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("worker did not exit:\n" + "\n".join(self.lines())) from None
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    def close(self):
+        if self.proc.poll() is None:
+            kids = children_of(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+            for kid in kids:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(kid, signal.SIGKILL)
+        self._reader.join(timeout=5)
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal(project):
+    opened = []
+
+    def open_terminal(*flags, **options):
+        opened.append(PtyWorker(project, "--workers", "1", "--threads", "2", *flags, **options))
+        return opened[-1]
+    yield open_terminal
+    for term in opened:
+        term.close()
+
+
+def stat(text, label):
+    """A number from the Worker Stats panel, as shown."""
+    found = re.search(rf"{label}: +([0-9][0-9,.]*(?: / [0-9]+)?)", text)
+    return found.group(1) if found else None
+
+
+def frames(raw):
+    """The frames of the dashboard, as lists of lines without colours."""
+    body = raw.split(b"\x1b[?1049h", 1)[-1].split(b"\x1b[?1049l", 1)[0]
+    return [SGR.sub(b"", frame).replace(b"\x1b[J", b"").decode().replace("\r", "").split("\n")
+            for frame in body.split(b"\x1b[H")[1:]]
+
+
+def test_dashboard_shows_live_numbers_at_80x24(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    failed = project.mod.boom.delay("bad input")
+    with pytest.raises(ValueError):
+        failed.join(timeout=10)
+    handles = project.mod.add.map([(i, i) for i in range(5)])
+    assert [h.join(timeout=10) for h in handles] == [0, 2, 4, 6, 8]
+    lines = term.wait_screen(
+        lambda text: stat(text, "Total Done") == "5" and "finished successfully" in text,
+        "Total Done: 5 and a log line")
+    text = "\n".join(lines)
+    assert lines[0] == (f" C Λ S T O R v{castor.__version__} | Manager: {project.module}:manager"
+                        " | Status: Running")
+    for title in ("Worker Stats", "Latest Tasks", "Logs (UTC)"):
+        assert title in text
+    assert (stat(text, "Process Tasks"), stat(text, "Thread Tasks")) == ("0 / 1", "0 / 2")
+    assert (stat(text, "Pending Queue"), stat(text, "Failed")) == ("0", "1")
+    assert float(stat(text, "Rate")) > 0
+    assert re.search(rf"{handles[-1].id[:8]} SUCCESS +{project.module}\.add +\d+\.\d\ds", text)
+    assert f"{failed.id[:8]} FAILED    {project.module}.boom" in text
+    assert re.search(r"\d\d:\d\d:\d\d INFO +Task \w{8} finished successfully in", text)
+    # Fits 80x24 exactly: the bottom border on the last row, nothing wrapped.
+    assert lines[-1].startswith("+-- Ctrl+C: stop ---") and len(lines[-1]) == 80
+    assert term.screen.wraps == term.screen.scrolls == 0
+    drawn = frames(term.output())
+    assert len(drawn) >= 2 and all(len(frame) <= 24 for frame in drawn)
+    assert max(len(line) for frame in drawn for line in frame) == 80
+    assert b"\x1b[32mSUCCESS" in term.output()  # coloured, as NO_COLOR is unset
+    term.press(b"\x03")
+    assert term.finish() == 0
+    assert term.output().endswith(RESTORE)
+    assert b"Traceback" not in term.output()
+    assert b"^C" not in term.output()  # keys are not echoed over the screen
+
+
+def test_dashboard_ctrl_c_drains_then_restores_the_terminal(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    handle = project.mod.sleepy.delay(2.0)
+    term.wait_screen(lambda text: stat(text, "Thread Tasks") == "1 / 2"
+                     and f"{handle.id[:8]} RUNNING" in text, "a running task")
+    term.press(b"\x03")
+    term.wait_screen(lambda text: "Status: Stopping…" in text
+                     and "Ctrl+C again: exit now" in text, "the Stopping status")
+    assert term.finish() == 0
+    assert handle.status() == "success"
+    out = term.output()
+    assert out.endswith(RESTORE) and b"Traceback" not in out
+    assert term.screen.modes == {"1049": False, "25": True}
+    assert term.lines() == [""] * 24  # back on the shell's screen, nothing drawn over it
+
+
+def test_dashboard_second_ctrl_c_exits_at_once(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    handle = project.mod.sleepy.delay(60)
+    term.wait_screen(lambda text: f"{handle.id[:8]} RUNNING" in text, "a running task")
+    term.press(b"\x03")
+    term.wait_screen(lambda text: "Status: Stopping…" in text, "the Stopping status")
+    term.press(b"\x03")
+    assert term.finish(timeout=10) == 1
+    assert handle.status() == "pending"
+    assert term.output().endswith(RESTORE) and b"Traceback" not in term.output()
+
+
+def test_dashboard_fills_a_big_terminal_and_follows_a_resize(project, terminal):
+    term = terminal(size=(120, 40))
+    lines = term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    assert len(lines) == 40 and lines[-1].startswith("+-- Ctrl+C") and len(lines[-1]) == 120
+    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 89 + "+"
+    term.resize(100, 30)
+    bottom = "+-- Ctrl+C: stop " + "-" * 82 + "+"
+    lines = term.wait_screen(lambda text: text.endswith("\n" + bottom), "a redraw at 100x30")
+    assert lines[0].startswith(" C Λ S T O R")
+    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 69 + "+"
+    term.press(b"\x03")
+    assert term.finish() == 0
+
+
+def test_dashboard_honours_no_color(project, terminal):
+    term = terminal(env={"NO_COLOR": "1"})
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    assert project.mod.add.delay(1, 2).join(timeout=10) == 3
+    term.wait_screen(lambda text: stat(text, "Total Done") == "1" and "SUCCESS" in text,
+                     "the finished task")
+    term.press(b"\x03")
+    assert term.finish() == 0
+    assert not SGR.search(term.output())
+
+
+def test_interactive_without_a_terminal_says_so_and_logs_plainly(project):
+    proc = project.start("-i")  # stdout is a file
+    assert project.mod.add.delay(2, 3).join(timeout=10) == 5
+    wait_for(lambda: "finished successfully" in project.output(proc)[1], what="a task log line")
+    code, out, err = project.stop(proc)
+    assert code == 0 and out == ""
+    said = [line for line in err.splitlines() if "terminal" in line]
+    assert len(said) == 1 and "stdout is not a terminal: no dashboard, plain logs" in said[0]
+    assert "\x1b[" not in err
+
+
+class _CrashingWorker:
+    """Just what the dashboard reads; its first count fails, then run() crashes."""
+
+    state = "Running"
+
+    def __init__(self, out):
+        self.manager, self.out, self.reads = self, out, 0
+
+    def counts(self):
+        self.reads += 1
+        if self.reads == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return dict.fromkeys(castor.STATUSES, 0)
+
+    def tasks(self, status=None, limit=50):
+        return []
+
+    def busy(self):
+        return {"thread": (0, 2), "process": (0, 1)}
+
+    def run(self):
+        wait_for(lambda: b"Total Done" in self.out.buffer.getvalue(), timeout=5, what="a frame")
+        raise RuntimeError("the worker crashed")
+
+
+def test_dashboard_survives_a_bad_frame_and_restores_everything_on_a_crash(monkeypatch):
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    handler = logging.StreamHandler(io.StringIO())
+    castor.logger.addHandler(handler)
+    winch = signal.getsignal(signal.SIGWINCH)
+    try:
+        with pytest.raises(RuntimeError, match="the worker crashed"):
+            dash._run_dashboard(_CrashingWorker(out), "app:manager", handler)
+        assert handler in castor.logger.handlers
+        assert not [h for h in castor.logger.handlers if isinstance(h, dash._LogTail)]
+    finally:
+        castor.logger.removeHandler(handler)
+    assert out.buffer.getvalue().endswith(RESTORE)
+    assert signal.getsignal(signal.SIGWINCH) is winch
+    assert handler.stream.getvalue() == ""  # the logs went to the panel meanwhile
+
+
+def _view(**changes):
+    now = 1_700_000_000.0
+    iso = castor._iso
+    doc = {"id": "c4a3f2b1-0000", "status": "success", "task_name": "tasks.process_payment",
+           "started_at": iso(now - 2), "finished_at": iso(now - 0.98)}
+    view = {"version": "1.0", "target": "main:manager", "state": "Running",
+            "busy": {"thread": (7, 8), "process": (3, 4)},
+            "counts": {"pending": 12, "running": 10, "success": 1234, "failed": 3, "cancelled": 0},
+            "rate": 2.5, "now": now, "logs": [(now, "INFO", "Task c4a3f2b1 finished successfully")],
+            "tasks": [doc, {**doc, "id": "d5b4c3a2", "status": "running", "finished_at": None,
+                            "task_name": "tasks.complex_calculation_with_a_very_long_name"},
+                      {**doc, "id": "e6c5d4b3", "status": "pending", "started_at": None}] * 5}
+    view.update(changes)
+    return view
+
+
+def _visible(line):
+    return dash._width(SGR.sub(b"", line.encode()).decode())
+
+
+@pytest.mark.parametrize("cols, rows", [(80, 24), (81, 25), (132, 50), (40, 12), (12, 3), (5, 2)])
+def test_dashboard_frame_fits_any_size(cols, rows):
+    lines = dash._render(_view(), dash._Layout(cols, rows), True)
+    assert len(dash._frame(lines, rows).split("\r\n")) <= rows
+    assert all(_visible(line) == cols for line in lines)
+
+
+def test_dashboard_render_at_80x24():
+    lines = [SGR.sub(b"", line.encode()).decode() for line in
+             dash._render(_view(), dash._Layout(80, 24), True)]
+    assert len(lines) == 24
+    assert lines[0].rstrip() == " C Λ S T O R v1.0 | Manager: main:manager | Status: Running"
+    assert "| Process Tasks: 3 / 4" in lines[4] and "| Thread Tasks:  7 / 8" in lines[5]
+    assert "Total Done:    1,234" in lines[7] and "Rate:          2.5 tasks/s" in lines[9]
+    assert lines[4].endswith("| c4a3f2b1 SUCCESS   process_payment        1.02s |")
+    assert lines[5].endswith("| d5b4c3a2 RUNNING   complex_calculation…   2.00s |")
+    assert lines[6].endswith("| e6c5d4b3 PENDING   process_payment              |")
+    assert re.match(r"\| \d\d:\d\d:\d\d INFO    Task c4a3f2b1 finished successfully +\|$",
+                    lines[-2])
+
+
+def test_dashboard_without_colour_writes_no_escape_codes():
+    lines = dash._render(_view(state="Stopping"), dash._Layout(80, 24), False)
+    assert not any("\x1b" in line for line in lines)
+    assert "Status: Stopping…" in lines[0]
+
+
+def test_dashboard_long_target_gives_way_to_the_status():
+    lines = dash._render(_view(target="a" * 200 + ":manager"), dash._Layout(80, 24), False)
+    assert lines[0].rstrip().endswith("a… | Status: Running") and _visible(lines[0]) == 80
+    narrow = dash._render(_view(), dash._Layout(40, 12), False)
+    assert narrow[0].rstrip() == " C Λ S T O R v1.0 | Status: Running"
+
+
+def test_dashboard_fit_counts_columns_not_codes():
+    assert dash._fit([("abcdef", "")], 4, True) == "abc…"
+    assert dash._fit([("ab", "31")], 4, True) == "\x1b[31mab\x1b[0m  "
+    two = "\x1b[31mab\x1b[0m\x1b[1mc\x1b[0m…"
+    assert dash._fit([("ab", "31"), ("cdef", "1")], 4, True) == two
+    assert dash._fit([("日本語", "")], 5, False) == "日本…"
+    assert dash._fit([("日本語x", "")], 6, False) == "日本… "
+    assert dash._fit([("a\x1b[2Jb\nc", "")], 10, False) == "a [2Jb c  "
+
+
+def test_dashboard_rate_over_a_window():
+    rate = dash._Rate(window=10)
+    assert rate.update(100.0, 0) == 0.0
+    assert rate.update(101.0, 5) == 5.0
+    assert rate.update(105.0, 25) == 5.0
+    assert rate.update(120.0, 25) == pytest.approx(0.0)  # idle for more than the window
+    assert rate.update(121.0, 15) == 0.0  # pruned: never negative
+
+
+def test_dashboard_latest_tasks_show_running_ones_first(project):
+    mod = project.mod
+    handles = [mod.add.delay(i, i) for i in range(6)]
+    store = project.manager._store
+    with store.transaction() as conn:  # as a worker would have claimed it
+        claimed = store.claim(conn, "w1", "thread", 1, time.time())
+    assert len(claimed) == 1 and claimed[0][1]["id"] == handles[0].id
+    shown = [doc["id"] for doc in dash._latest(project.manager, 4)]
+    assert shown == [handles[0].id] + [h.id for h in handles[:1:-1]][:3]
+
+
+def test_dashboard_durations():
+    iso, now = castor._iso, 1_700_000_000.0
+    doc = {"status": "success", "started_at": iso(now - 4000), "finished_at": iso(now)}
+    assert dash._duration(doc, now) == "1h06m"
+    assert dash._duration({**doc, "started_at": iso(now - 75)}, now) == "1m15s"
+    assert dash._duration({**doc, "status": "running", "finished_at": None,
+                           "started_at": iso(now - 1.5)}, now) == "1.50s"
+    assert dash._duration({"status": "pending", "started_at": None}, now) == ""
