@@ -45,6 +45,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -95,6 +96,13 @@ REAP_INTERVAL = 2.0
 
 #: A task whose worker died this many times fails instead of running again.
 MAX_LOSSES = 3
+
+#: The longest delay, timeout or period castor accepts (about 31 years).
+MAX_SECONDS = 1e9
+
+#: While a backlog drains, how long a worker waits for more running tasks to
+#: finish so that one commit records them all (group commit).
+GROUP_COMMIT_WINDOW = 0.001
 
 #: Where inotify is missing, how often an idle worker looks for new work.
 IDLE_POLL = 0.002
@@ -401,8 +409,8 @@ def _seconds(value, what):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be seconds (a number or timedelta), not {value!r}")
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"{what} must not be negative, not {value!r}")
+    if not 0 <= value <= MAX_SECONDS:  # also refuses NaN and infinity
+        raise ValueError(f"{what} must be between 0 and {MAX_SECONDS:g} seconds, not {value!r}")
     return float(value)
 
 
@@ -462,7 +470,8 @@ def _db_path(db):
     if path == ":memory:" or path.startswith("file::memory:"):
         raise CastorError("castor needs a database file: an in-memory database "
                           "cannot be shared with a worker")
-    return os.path.abspath(path)
+    # The real file: inotify must watch the directory SQLite writes the WAL in.
+    return os.path.realpath(path)
 
 
 def _dumps(value):
@@ -486,8 +495,14 @@ def _check_json(value, where):
 
 def _iso(ts):
     """ISO-8601 UTC, as in the design plan: 2025-09-25T16:04:14.123456Z."""
-    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    seconds = math.floor(ts)
+    return f"{_iso_seconds(seconds)}.{min(999999, round((ts - seconds) * 1e6)):06d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_seconds(seconds):
+    # Cached: the worker stamps thousands of tasks within the same second.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _parse_iso(text):
@@ -510,13 +525,24 @@ def _error_data(exc, tb=None):
     cls = type(exc)
     try:
         args = json.loads(_dumps(list(exc.args)))
-    except (TypeError, ValueError):
+    except Exception:  # arguments that are not JSON are simply not kept
         args = None
+    try:
+        message = str(exc)
+    except Exception:  # a task's exception may not even print
+        message = f"<unprintable {cls.__name__}>"
     if tb is None:
-        tb = "".join(traceback.format_exception(exc))
+        tb = _format_traceback(exc, message)
     module = "castor" if cls.__module__ == __name__ else cls.__module__
     return {"module": module, "qualname": cls.__qualname__,
-            "message": str(exc), "args": args, "traceback": tb}
+            "message": message, "args": args, "traceback": tb}
+
+
+def _format_traceback(exc, message):
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:
+        return f"{type(exc).__qualname__}: {message}\n"
 
 
 def _castor_error(message):
@@ -610,7 +636,7 @@ def _find_class(module_name, qualname):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS castor_jobs (
     seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     name TEXT NOT NULL,
     mode TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -623,12 +649,11 @@ CREATE TABLE IF NOT EXISTS castor_jobs (
 CREATE INDEX IF NOT EXISTS castor_jobs_ready
     ON castor_jobs (mode, priority, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS castor_jobs_eta
-    ON castor_jobs (eta) WHERE status = 'pending';
+    ON castor_jobs (mode, eta) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS castor_jobs_running
     ON castor_jobs (worker) WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS castor_jobs_status ON castor_jobs (status, seq);
-CREATE INDEX IF NOT EXISTS castor_jobs_finished
-    ON castor_jobs (finished) WHERE finished IS NOT NULL;
+CREATE INDEX IF NOT EXISTS castor_jobs_done
+    ON castor_jobs (status, seq) WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS castor_workers (
     id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -646,12 +671,25 @@ CREATE TABLE IF NOT EXISTS castor_periodic (
 );
 """
 
-_PUT_DOC = ("INSERT OR REPLACE INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
+_WHERE_DOC = f"WHERE dict_name = '{DICT_NAME}' AND key"
+_ADD_DOC = ("INSERT INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
             f"VALUES ('{DICT_NAME}', ?, ?, NULL)")
-_GET_DOC = f"SELECT value FROM __beaver_dicts__ WHERE dict_name = '{DICT_NAME}' AND key = ?"
-_DEL_DOC = f"DELETE FROM __beaver_dicts__ WHERE dict_name = '{DICT_NAME}' AND key = ?"
+_SET_DOC = f"UPDATE __beaver_dicts__ SET value = ? {_WHERE_DOC} = ?"
+_GET_DOC = f"SELECT value FROM __beaver_dicts__ {_WHERE_DOC} = ?"
+_DEL_DOC = f"DELETE FROM __beaver_dicts__ {_WHERE_DOC} = ?"
+_ADD_JOB = ("INSERT INTO castor_jobs (seq, id, name, mode, status, priority, eta) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?)")
 _BUMP = ("INSERT INTO castor_stats (status, n) VALUES (?, ?) "
          "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n")
+
+#: A claim rewrites its documents inside SQLite: one statement for the batch.
+#: A document that is not a JSON object is left alone, to be failed as corrupt.
+_CLAIM_DOCS = (
+    "UPDATE __beaver_dicts__ SET value = CASE WHEN json_valid(value) THEN "
+    "CASE WHEN json_type(value) = 'object' THEN json_set(value, '$.status', 'running', "
+    "'$.started_at', ?, '$.worker', ?, '$.attempts', "
+    "coalesce(json_extract(value, '$.attempts'), 0) + 1) ELSE value END ELSE value END "
+    f"{_WHERE_DOC} IN ({{marks}}) RETURNING key, value")
 
 
 class _Store:
@@ -675,34 +713,31 @@ class _Store:
         # Same durability as beaver's own connection on this file: WAL and
         # synchronous=NORMAL survive a killed process, with no fsync a commit.
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA mmap_size = 268435456")
         if not self._schema_ready:
             self._create_schema(conn)
         return conn
 
     def _create_schema(self, conn):
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'castor_periodic'").fetchone():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self.transaction(conn):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         self._schema_ready = True
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, conn=None):
         """A write transaction that takes the lock up front (no deadlocks)."""
-        conn = self.conn
+        conn = conn or self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # also after a failed COMMIT (disk full...)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def data_version(self):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
@@ -717,10 +752,14 @@ class _Store:
         if status is None:
             rows = self.conn.execute(
                 "SELECT id FROM castor_jobs ORDER BY seq DESC LIMIT ?", (limit,))
-        else:
+        elif status in ("pending", "running"):  # their partial indexes are small
             rows = self.conn.execute(
                 "SELECT id FROM castor_jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
                 (status, limit))
+        else:
+            rows = self.conn.execute(
+                "SELECT id FROM castor_jobs INDEXED BY castor_jobs_done WHERE status = ? "
+                "AND finished IS NOT NULL ORDER BY seq DESC LIMIT ?", (status, limit))
         docs = (self.get_doc(task_id) for (task_id,) in rows.fetchall())
         return [doc for doc in docs if doc is not None]
 
@@ -729,18 +768,22 @@ class _Store:
             self.enqueue_in(conn, docs)
 
     def enqueue_in(self, conn, docs):
-        rows = [(d["id"], d["task_name"], d["mode"], d["priority"], d.pop("eta_ts"))
-                for d in docs]
-        conn.executemany(_PUT_DOC, [(d["id"], _dumps(d)) for d in docs])
-        conn.executemany(
-            "INSERT INTO castor_jobs (id, name, mode, status, priority, eta) "
-            "VALUES (?, ?, ?, 'pending', ?, ?)", rows)
+        """Add pending tasks; their ``seq`` (queue order) goes in the document too."""
+        top = conn.execute("SELECT coalesce(max(seq), 0) FROM castor_jobs").fetchone()[0]
+        jobs, rows = [], []
+        for seq, doc in enumerate(docs, top + 1):
+            doc["seq"] = seq
+            jobs.append((seq, doc["id"], doc["task_name"], doc["mode"], doc["priority"],
+                         doc.pop("eta_ts")))
+            rows.append((doc["id"], _dumps(doc)))
+        conn.executemany(_ADD_DOC, rows)
+        conn.executemany(_ADD_JOB, jobs)
 
     def put_finished(self, doc):
         """Store a task that already ran (immediate mode)."""
         doc.pop("eta_ts", None)
         with self.transaction() as conn:
-            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
+            conn.execute(_ADD_DOC, (doc["id"], _dumps(doc)))
             conn.execute(
                 "INSERT INTO castor_jobs (id, name, mode, status, finished) VALUES (?, ?, ?, ?, ?)",
                 (doc["id"], doc["task_name"], doc["mode"], doc["status"], time.time()))
@@ -748,14 +791,20 @@ class _Store:
 
     def cancel(self, task_id, now):
         with self.transaction() as conn:
+            doc = self.get_doc(task_id)
+            if doc is None:
+                return False
+            if isinstance(doc.get("seq"), int):
+                where, key = "seq = ? AND id = ?", (doc["seq"], task_id)
+            else:  # a document someone rewrote: find its job the slow way
+                where, key = "id = ?", (task_id,)
             done = conn.execute(
                 "UPDATE castor_jobs SET status = 'cancelled', finished = ? "
-                "WHERE id = ? AND status = 'pending'", (now, task_id)).rowcount
+                f"WHERE {where} AND status = 'pending'", (now, *key)).rowcount
             if not done:
                 return False
-            doc = self.get_doc(task_id) or {"id": task_id}
             doc.update(status="cancelled", finished_at=_iso(now))
-            conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
+            conn.execute(_SET_DOC, (_dumps(doc), task_id))
             conn.execute(_BUMP, ("cancelled", 1))
         return True
 
@@ -786,97 +835,107 @@ class _Store:
                 conn.execute(_BUMP, (status, -n))
         return len(rows)
 
-    def has_ready(self, modes, now):
-        marks = ",".join("?" * len(modes))
+    def has_ready(self, mode, now):
         return self.conn.execute(
             "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_eta WHERE status = 'pending' "
-            f"AND eta <= ? AND mode IN ({marks}) LIMIT 1", (now, *modes)).fetchone() is not None
+            "AND mode = ? AND eta <= ? LIMIT 1", (mode, now)).fetchone() is not None
 
-    def next_eta(self, modes):
-        marks = ",".join("?" * len(modes))
+    def next_eta(self, mode):
         return self.conn.execute(
             "SELECT min(eta) FROM castor_jobs INDEXED BY castor_jobs_eta "
-            f"WHERE status = 'pending' AND mode IN ({marks})", modes).fetchone()[0]
+            "WHERE status = 'pending' AND mode = ?", (mode,)).fetchone()[0]
 
     # Worker side (called inside a transaction) --------------------------------
 
     def claim(self, conn, worker_id, mode, limit, now):
-        """Mark up to ``limit`` due tasks running for this worker; their docs."""
-        rows = conn.execute(
-            "SELECT seq, id FROM castor_jobs INDEXED BY castor_jobs_ready "
-            "WHERE status = 'pending' AND mode = ? AND eta <= ? "
-            "ORDER BY priority, seq LIMIT ?", (mode, now, limit)).fetchall()
-        if not rows:
+        """Mark up to ``limit`` due tasks running for this worker: [(seq, doc)],
+        in queue order. Two statements, however many tasks."""
+        jobs = conn.execute(
+            "UPDATE castor_jobs SET status = 'running', worker = ? WHERE seq IN ("
+            "SELECT seq FROM castor_jobs INDEXED BY castor_jobs_ready WHERE status = 'pending' "
+            "AND mode = ? AND eta <= ? ORDER BY priority, seq LIMIT ?) RETURNING priority, seq, id",
+            (worker_id, mode, now, limit)).fetchall()
+        if not jobs:
             return []
-        conn.executemany("UPDATE castor_jobs SET status = 'running', worker = ? WHERE seq = ?",
-                         [(worker_id, seq) for seq, _ in rows])
-        docs = []
-        for seq, task_id in rows:
-            doc = self.get_doc(task_id) or _missing_doc(task_id)
-            doc.update(status="running", started_at=_iso(now), worker=worker_id,
-                       attempts=_as_int(doc.get("attempts")) + 1)
-            conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
-            docs.append((seq, doc))
-        return docs
+        ids = [task_id for _, _, task_id in jobs]
+        docs = dict(conn.execute(_CLAIM_DOCS.format(marks=",".join("?" * len(ids))),
+                                 (_iso(now), worker_id, *ids)).fetchall())
+        claimed = []
+        for _, seq, task_id in sorted(jobs):  # RETURNING has no order of its own
+            raw = docs.get(task_id)
+            doc = _load_doc(task_id, raw) if raw is not None else _missing_doc(task_id, None)
+            if doc.get("status") != "running":  # corrupt: still ours to fail
+                doc.update(status="running", started_at=_iso(now), worker=worker_id)
+            claimed.append((seq, doc))
+        return claimed
 
-    def finish(self, conn, worker_id, seq, doc, now):
-        """Record a final outcome; False if this worker no longer owns the task."""
-        owned = conn.execute(
+    def finish(self, conn, worker_id, outcomes, now):
+        """Record final outcomes [(seq, doc)]; the docs this worker still owned."""
+        changed = conn.executemany(
             "UPDATE castor_jobs SET status = ?, worker = NULL, finished = ? "
             "WHERE seq = ? AND worker = ? AND status = 'running'",
-            (doc["status"], now, seq, worker_id)).rowcount
-        if owned:
-            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
-            conn.execute(_BUMP, (doc["status"], 1))
-        return bool(owned)
+            [(doc["status"], now, seq, worker_id) for seq, doc in outcomes]).rowcount
+        kept = outcomes
+        if changed < len(outcomes):  # some lease was lost: which rows did we write?
+            marks = ",".join("?" * len(outcomes))
+            mine = {seq for (seq,) in conn.execute(
+                f"SELECT seq FROM castor_jobs WHERE seq IN ({marks}) AND worker IS NULL "
+                "AND finished = ?", (*[seq for seq, _ in outcomes], now))}
+            kept = [(seq, doc) for seq, doc in outcomes if seq in mine]
+        conn.executemany(_SET_DOC, [(_dumps(doc), doc["id"]) for _, doc in kept])
+        for status, n in collections.Counter(doc["status"] for _, doc in kept).items():
+            conn.execute(_BUMP, (status, n))
+        return [doc for _, doc in kept]
 
     def retry_later(self, conn, worker_id, seq, doc, eta):
         """Put a failed attempt back to pending until ``eta``."""
-        owned = conn.execute(
-            "UPDATE castor_jobs SET status = 'pending', worker = NULL, eta = ? "
-            "WHERE seq = ? AND worker = ? AND status = 'running'",
-            (eta, seq, worker_id)).rowcount
-        if owned:
-            conn.execute(_PUT_DOC, (doc["id"], _dumps(doc)))
-        return bool(owned)
+        if not self._owned(conn, worker_id, [seq]):
+            return False
+        conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, eta = ? "
+                     "WHERE seq = ?", (eta, seq))
+        conn.execute(_SET_DOC, (_dumps(doc), doc["id"]))
+        return True
 
-    def requeue_owned(self, conn, owner, now, count_loss):
-        """Return the running tasks of ``owner`` (None: of no live worker) to pending."""
-        if owner is None:
-            rows = conn.execute(
-                "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
-                "WHERE status = 'running' AND (worker IS NULL OR worker NOT IN "
-                "(SELECT id FROM castor_workers))").fetchall()
+    def _owned(self, conn, worker_id, seqs):
+        marks = ",".join("?" * len(seqs))
+        return [seq for (seq,) in conn.execute(
+            f"SELECT seq FROM castor_jobs WHERE seq IN ({marks}) AND worker = ? "
+            "AND status = 'running'", (*seqs, worker_id))]
+
+    def requeue_owned(self, conn, owners, now, loss):
+        """Return the running tasks of ``owners`` (and of no live worker) to pending."""
+        marks = ",".join("?" * len(owners))
+        rows = conn.execute(
+            "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
+            f"WHERE status = 'running' AND (worker IN ({marks}) OR worker IS NULL OR "
+            "worker NOT IN (SELECT id FROM castor_workers))", owners).fetchall()
+        return [self._requeue(conn, seq, task_id, losses + loss, now)
+                for seq, task_id, losses in rows]
+
+    def _requeue(self, conn, seq, task_id, losses, now):
+        doc = self.get_doc(task_id) or _missing_doc(task_id)
+        doc.update(losses=losses, worker=None, started_at=None,
+                   attempts=max(0, _as_int(doc.get("attempts")) - 1))
+        if losses >= MAX_LOSSES:
+            doc["attempts"] += 1
+            _apply_reply(doc, {"ok": False, "error": _castor_error(
+                f"worker lost {losses} times while running this task; giving up")}, now)
+            conn.execute("UPDATE castor_jobs SET status = 'failed', worker = NULL, "
+                         "losses = ?, finished = ? WHERE seq = ?", (losses, now, seq))
+            conn.execute(_BUMP, ("failed", 1))
         else:
-            rows = conn.execute(
-                "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
-                "WHERE status = 'running' AND worker = ?", (owner,)).fetchall()
-        lost = []
-        for seq, task_id, losses in rows:
-            losses += 1 if count_loss else 0
-            doc = self.get_doc(task_id) or _missing_doc(task_id)
-            doc.update(losses=losses, worker=None, started_at=None,
-                       attempts=max(0, _as_int(doc.get("attempts")) - 1))
-            if losses >= MAX_LOSSES:
-                doc.update(attempts=doc["attempts"] + 1)
-                _apply_reply(doc, {"ok": False, "error": _castor_error(
-                    f"worker lost {losses} times while running this task; giving up")}, now)
-                conn.execute("UPDATE castor_jobs SET status = 'failed', worker = NULL, "
-                             "losses = ?, finished = ? WHERE seq = ?", (losses, now, seq))
-                conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
-                conn.execute(_BUMP, ("failed", 1))
-            else:
-                doc["status"] = "pending"
-                conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, "
-                             "losses = ? WHERE seq = ?", (losses, seq))
-                conn.execute(_PUT_DOC, (task_id, _dumps(doc)))
-            lost.append(doc)
-        return lost
+            doc["status"] = "pending"
+            conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, "
+                         "losses = ? WHERE seq = ?", (losses, seq))
+        conn.execute(_SET_DOC, (_dumps(doc), task_id))
+        return doc
+
+    # Workers ------------------------------------------------------------------
 
     def register_worker(self, worker_id, now):
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO castor_workers VALUES (?, ?, ?, ?, ?)",
-                         (worker_id, os.getpid(), socket.gethostname(), now, now))
+                         (worker_id, os.getpid(), _host_id(), now, now))
 
     def heartbeat(self, worker_id, now):
         """Renew this worker's lease; False if others had given it up for dead."""
@@ -888,19 +947,25 @@ class _Store:
         with self.transaction() as conn:
             conn.execute("DELETE FROM castor_workers WHERE id = ?", (worker_id,))
 
-    def reap(self, me, now):
-        """Requeue the tasks of dead workers; the list of documents requeued."""
-        workers = self.conn.execute("SELECT id, pid, host, heartbeat FROM castor_workers").fetchall()
-        dead = [wid for wid, pid, host, beat in workers
-                if wid != me and (beat < now - LEASE_TIMEOUT or not _alive(pid, host))]
-        orphans = self.conn.execute(
-            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_running WHERE status = 'running' "
-            "AND (worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)) LIMIT 1").fetchone()
-        if not dead and not orphans:
-            return []
+    def workers(self):
+        return self.conn.execute("SELECT id, pid, host, heartbeat FROM castor_workers").fetchall()
+
+    def reap(self, dead, now):
+        """Requeue the tasks of ``dead`` {worker: heartbeat seen} and of no worker.
+
+        A worker is only removed if its heartbeat is still the one seen: one
+        that beat meanwhile is alive after all.
+        """
         with self.transaction() as conn:
-            conn.executemany("DELETE FROM castor_workers WHERE id = ?", [(w,) for w in dead])
-            return self.requeue_owned(conn, None, now, count_loss=True)
+            gone = [wid for wid, beat in dead.items() if conn.execute(
+                "DELETE FROM castor_workers WHERE id = ? AND heartbeat = ?", (wid, beat)).rowcount]
+            return self.requeue_owned(conn, gone, now, loss=1)
+
+    def has_orphans(self):
+        return self.conn.execute(
+            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_running WHERE status = 'running' "
+            "AND (worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)) LIMIT 1"
+        ).fetchone() is not None
 
     def due_periodic(self, conn, name, every, now):
         """True when this worker won the right to enqueue ``name`` now, else when it is due."""
@@ -917,7 +982,7 @@ def _load_doc(task_id, raw):
     """A document as stored; garbage becomes a document that says so."""
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         doc = None
     if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
         return _missing_doc(task_id, raw)
@@ -925,17 +990,27 @@ def _load_doc(task_id, raw):
 
 
 def _missing_doc(task_id, raw=None):
-    return {"id": task_id, "task_name": None, "status": "pending", "args": None,
-            "kwargs": None, "corrupt": True if raw is None else str(raw)[:1000]}
+    return {"id": task_id, "task_name": None, "status": "pending", "args": None, "kwargs": None,
+            "corrupt": "the document is missing" if raw is None else str(raw)[:1000]}
 
 
 def _as_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+@functools.cache
+def _host_id():
+    """This machine, and its pid namespace: a pid means something only there."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
 def _alive(pid, host):
     """False only when the process surely is gone (same host, no such pid)."""
-    if host != socket.gethostname():
+    if host != _host_id():
         return True
     try:
         os.kill(pid, 0)
@@ -984,7 +1059,6 @@ class Worker:
         self.target = target
         self.imports = list(imports)
         self.state = "Idle"
-        self.stats = collections.Counter()
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._inbox = _Inbox(manager.path)
@@ -992,9 +1066,12 @@ class Worker:
         self._abandoned = 0  # thread tasks that timed out but still hold a thread
         self._threads = None
         self._procs = None
-        self._next_eta = None
-        self._seen = None
+        self._more = {}  # mode -> the last claim came back full: claim again
+        self._next_eta = {}
+        self._seen = {}  # mode -> data_version when we last looked for work
         self._next_beat = self._next_reap = 0.0
+        self._beats = 0
+        self._observed = {}  # other worker -> (heartbeat seen, our beats then)
         self._periodic_due = {}
         self._unrecorded = []
 
@@ -1014,14 +1091,17 @@ class Worker:
 
     def run(self):
         """Serve tasks until stopped. Returns 0 after a graceful stop, 1 if forced."""
-        store = self.manager._store
+        if os.environ.get("CASTOR_POOL_CHILD"):
+            raise CastorError("a process-pool child imported a module that starts a worker: "
+                              "put Worker(...).run() under `if __name__ == '__main__':`")
+        config = self._child_config()  # fail here, before touching signals or the store
         restore = self._install_signals()
-        self.state = "Running"
-        store.register_worker(self.id, time.time())
-        self._start_pools()
-        logger.info("Worker %s serving %d task(s) from %s", self.id, len(self.manager._tasks),
-                    self.manager.path)
         try:
+            self.state = "Running"
+            self.manager._store.register_worker(self.id, time.time())
+            self._start_pools(config)
+            logger.info("Worker %s serving %d task(s) from %s", self.id,
+                        len(self.manager._tasks), self.manager.path)
             self._serve()
         finally:
             forced = self._abort.is_set()
@@ -1047,43 +1127,47 @@ class Worker:
     def _tick(self, now):
         if self._stop.is_set() and self.state == "Running":
             self._begin_stopping(now)
-        if now >= self._next_beat:
+        sweep = now >= self._next_beat
+        if sweep:
             self._housekeeping(now)
         if not self._stop.is_set():
             self._enqueue_periodic(now)
-        self._step(now)
+        self._step(now, sweep)
 
-    def _step(self, now):
+    def _step(self, now, sweep=False):
         """One iteration: record finished tasks and claim new ones, one transaction."""
         # Outcomes stay in _unrecorded until a commit holds them: a failed
         # transaction (a file locked too long) must not lose a result.
         self._unrecorded += self._collect() + self._expired(now)
         finished = self._unrecorded
-        modes = [] if self._stop.is_set() else self._free_modes()
-        if modes and not self._worth_claiming(modes, now):
-            modes = []
+        modes = [] if self._stop.is_set() else self._claimable(now, sweep)
         if not finished and not modes:
             return
         store = self.manager._store
         with store.transaction() as conn:
-            self._record(conn, finished, now)
-            claimed = {mode: store.claim(conn, self.id, mode, free, now)
-                       for mode, free in modes}
+            retried = self._record(conn, finished, now)
+            claimed = {mode: store.claim(conn, self.id, mode, free, now) for mode, free in modes}
         self._unrecorded = []
-        # Our own commits do not move our data_version: look again next time.
-        self._seen = None
-        self._log_finished(finished, now)
-        for mode, docs in claimed.items():
-            for seq, doc in docs:
-                self._dispatch(seq, doc, mode, now)
+        if retried:
+            self._seen.clear()  # our own commit put work back: look again
+        self._log_finished(finished)
+        for mode, free in modes:
+            self._more[mode] = len(claimed[mode]) == free
+            for seq, doc in claimed[mode]:
+                self._dispatch(seq, doc, mode)
 
     def _wait(self, now):
         """Sleep until the file changes, a task finishes, or something falls due."""
         wake = [self._next_beat]
-        wake += [run.deadline for run in self._running.values() if run.deadline is not None]
-        if self._free_modes() and not self._stop.is_set():
-            wake += [self._next_eta or wake[0], *self._periodic_due.values()]
+        wake += [run.deadline for run in list(self._running.values()) if run.deadline]
+        if not self._stop.is_set() and self._free_modes():
+            wake += [eta for eta in self._next_eta.values() if eta is not None]
+            wake += self._periodic_due.values()
         self._inbox.wait(max(0.0, min(wake) - now))
+        if self._inbox.pending() and any(self._more.values()):
+            # A backlog: give the other running tasks a moment to finish too,
+            # so that one commit records them all.
+            self._inbox.settle(len(self._running), time.time() + GROUP_COMMIT_WINDOW)
 
     def _collect(self):
         """Completions from the pools: (run, reply, finished_at)."""
@@ -1117,85 +1201,150 @@ class Worker:
         busy = self.busy()
         return [(mode, total - used) for mode, (used, total) in busy.items() if used < total]
 
-    def _worth_claiming(self, modes, now):
-        """Claim only when something changed: cheap reads, no write lock."""
-        store = self.manager._store
-        names = [mode for mode, _ in modes]
-        seen = (store.data_version(), tuple(names))
-        if seen == self._seen and (self._next_eta is None or now < self._next_eta):
-            return False
-        self._seen = seen
-        if store.has_ready(names, now):
-            return True
-        self._next_eta = store.next_eta(names)
-        return False
+    def _claimable(self, now, sweep):
+        """Modes worth a claim now, with their free slots.
+
+        A mode whose last claim came back full is claimed again at once;
+        another only when the file changed or a scheduled task fell due. A
+        mode with no pool here is looked at only on a ``sweep`` (once a
+        second), just to fail the tasks this worker cannot run.
+        """
+        store, version, ready = self.manager._store, None, []
+        for mode, n in self._free_modes():
+            if self._more.get(mode):
+                ready.append((mode, n))
+                continue
+            if self._pool(mode) is None and not sweep:
+                continue
+            eta = self._next_eta.get(mode)
+            version = store.data_version() if version is None else version
+            if self._seen.get(mode) == version and (eta is None or eta > now):
+                continue
+            self._seen[mode] = version
+            if store.has_ready(mode, now):
+                ready.append((mode, n))
+            else:
+                self._next_eta[mode] = store.next_eta(mode)
+        return ready
 
     def _record(self, conn, finished, now):
-        store = self.manager._store
+        """Write outcomes; True if any task went back to pending for a retry."""
+        store, final, retried = self.manager._store, [], False
         for run, reply, ended in finished:
-            doc = run.doc
-            delay = self._retry_delay(run, reply)
-            if delay is not None:
-                doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
-                           exception=reply["error"], started_at=None)
-                run.doc["retry_at"] = _iso(ended + delay)
-                store.retry_later(conn, self.id, run.seq, doc, ended + delay)
-                continue
-            _apply_reply(doc, reply, ended)
-            if not store.finish(conn, self.id, run.seq, doc, now):
-                logger.warning("Task %s: lease lost, result discarded", doc["id"][:8])
+            try:
+                delay = self._retry_delay(run, reply)
+                if delay is not None:
+                    retried = True
+                    self._retry(conn, run, reply, ended, delay)
+                    continue
+                _apply_reply(run.doc, reply, ended)
+            except Exception as exc:  # one bad outcome must not block the others
+                logger.exception("Task %s: could not record its outcome", run.doc["id"][:8])
+                _apply_reply(run.doc, {"ok": False, "error": _castor_error(
+                    f"castor could not record this task's outcome: {exc!r}")}, ended)
+            final.append((run.seq, run.doc))
+        if final:
+            kept = {id(doc) for doc in store.finish(conn, self.id, final, now)}
+            for _, doc in final:
+                if id(doc) not in kept:
+                    logger.warning("Task %s: lease lost, result discarded", doc["id"][:8])
+        return retried
+
+    def _retry(self, conn, run, reply, ended, delay):
+        doc = run.doc
+        doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
+                   exception=reply["error"], started_at=None, retry_at=_iso(ended + delay))
+        self.manager._store.retry_later(conn, self.id, run.seq, doc, ended + delay)
 
     def _retry_delay(self, run, reply):
         """Seconds until the next attempt, or None when this was the last one."""
-        task = run.task
-        if reply["ok"] or task is None or run.doc.get("attempts", 1) > task.retries:
+        task, attempts = run.task, _as_int(run.doc.get("attempts")) or 1
+        if reply["ok"] or task is None or attempts > task.retries:
             return None
-        base = task.retry_delay * 2 ** (run.doc.get("attempts", 1) - 1)
-        return base * random.uniform(1.0, 1.25)  # jitter keeps retries from stampeding
+        base = task.retry_delay * 2 ** (attempts - 1)
+        return min(base * random.uniform(1.0, 1.25), MAX_SECONDS)  # jitter: no stampede
 
-    def _log_finished(self, finished, now):
+    def _log_finished(self, finished):
         for run, reply, ended in finished:
             short, doc = run.doc["id"][:8], run.doc
-            took = max(0.0, ended - _started_ts(doc, ended))
             if reply["ok"]:
-                self.stats["success"] += 1
-                logger.info("Task %s finished successfully in %.2fs", short, took)
+                logger.info("Task %s finished successfully in %.2fs", short,
+                            max(0.0, ended - run.started))
             elif doc["status"] == "pending":
-                self.stats["retried"] += 1
                 logger.warning("Task %s failed (attempt %d of %d), retrying at %s: %s", short,
                                doc["attempts"], run.task.retries + 1, doc["retry_at"],
                                _short_error(reply["error"]))
             else:
-                self.stats["failed"] += 1
                 logger.error("Task %s failed: %s", short, _short_error(reply["error"]))
 
-    def _dispatch(self, seq, doc, mode, now):
+    def _dispatch(self, seq, doc, mode):
+        """Hand a claimed task to its pool; any problem fails that task only."""
         task = self.manager._tasks.get(doc.get("task_name"))
-        run = _Run(seq, doc, task, mode, time.time())
+        pool = self._pool_for(task)
+        run = _Run(seq, doc, task, mode if pool is None else task.mode, time.time())
         self._running[doc["id"]] = run
-        problem = _job_problem(doc, task, self.target)
-        if problem is not None:
-            self._inbox.put((doc["id"], {"ok": False, "error": _castor_error(problem)}, time.time()))
-            return
-        logger.info("Task %s started: %s", doc["id"][:8], _call_repr(doc))
-        job = {"id": doc["id"], "name": task.name, "args": doc["args"],
-               "kwargs": doc["kwargs"], "timeout": task.timeout}
-        (self._threads if mode == "thread" else self._procs).submit(job)
+        try:
+            problem = _job_problem(doc, task, self.target)
+            if problem is None and pool is None:
+                problem = f"{task.name} is a {task.mode} task but this worker has no {task.mode} pool"
+            if problem is not None:
+                raise CastorError(problem)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("Task %s started: %s", doc["id"][:8], _call_repr(doc))
+            pool.submit({"id": doc["id"], "name": task.name, "args": doc["args"],
+                         "kwargs": doc["kwargs"], "timeout": task.timeout})
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, CastorError) else f"could not start: {exc!r}"
+            self._inbox.put((doc["id"], {"ok": False, "error": _castor_error(message)}, time.time()))
+
+    def _pool_for(self, task):
+        return None if task is None else self._pool(task.mode)
+
+    def _pool(self, mode):
+        return self._threads if mode == "thread" else self._procs
 
     # Housekeeping -------------------------------------------------------------
 
     def _housekeeping(self, now):
         store = self.manager._store
         self._next_beat = now + HEARTBEAT_INTERVAL
-        if not store.heartbeat(self.id, now):
+        if store.heartbeat(self.id, now):
+            self._beats += 1
+        else:
             logger.warning("Worker %s was taken for dead; registering again", self.id)
             store.register_worker(self.id, now)
         if now >= self._next_reap:
             self._next_reap = now + REAP_INTERVAL
-            for doc in store.reap(self.id, now):
-                self._seen = None
-                logger.warning("Task %s: its worker died; %s", doc["id"][:8],
-                               "giving up" if doc["status"] == "failed" else "back to pending")
+            self._reap(now)
+
+    def _reap(self, now):
+        """Give back the tasks of workers that are surely dead.
+
+        Dead means: its process is gone (same machine), or its heartbeat has
+        not moved while this worker beat LEASE_TIMEOUT seconds' worth. Wall
+        time alone is not enough: when someone holds the file locked, nobody
+        can beat, and the first to get through must not bury the others.
+        """
+        store, dead = self.manager._store, {}
+        rows = store.workers()
+        for wid, pid, host, beat in rows:
+            if wid == self.id:
+                continue
+            seen, beats = self._observed.get(wid, (None, None))
+            if beat != seen:
+                self._observed[wid] = (beat, self._beats)
+                beats = self._beats
+            silent = self._beats - beats >= LEASE_TIMEOUT / HEARTBEAT_INTERVAL
+            if not _alive(pid, host) or (silent and beat < now - LEASE_TIMEOUT):
+                dead[wid] = beat
+        self._observed = {wid: v for wid, v in self._observed.items()
+                          if any(wid == row[0] for row in rows)}
+        if not dead and not store.has_orphans():
+            return
+        for doc in store.reap(dead, now):
+            self._seen.clear()  # our own commit put work back: look again
+            logger.warning("Task %s: its worker died; %s", doc["id"][:8],
+                           "giving up" if doc["status"] == "failed" else "back to pending")
 
     def _enqueue_periodic(self, now):
         """Each period, exactly one worker wins the transaction that enqueues."""
@@ -1209,17 +1358,21 @@ class Worker:
                     doc = task._document((), {}, now, now, task.priority)
                     store.enqueue_in(conn, [doc])
             if due is True:
-                self._seen = None
+                self._seen.clear()
                 logger.info("Periodic task %s enqueued as %s", task.name, doc["id"][:8])
             else:
                 self._periodic_due[task.name] = due
 
     # Start and stop -----------------------------------------------------------
 
-    def _start_pools(self):
+    def _child_config(self):
+        if not any(t.mode == "process" for t in self.manager._tasks.values()):
+            return None
+        return _child_config(self.manager, self.target, self.imports)
+
+    def _start_pools(self, config):
         self._threads = _ThreadPool(self.manager, self.threads, self._inbox)
-        if any(t.mode == "process" for t in self.manager._tasks.values()):
-            config = _child_config(self.manager, self.target, self.imports)
+        if config is not None:
             self._procs = _ProcessPool(config, self.workers, self._inbox)
 
     def _install_signals(self):
@@ -1255,13 +1408,18 @@ class Worker:
             for run in daemons]
 
     def _shutdown(self, forced):
-        """Leave nothing behind: children killed, unfinished tasks given back."""
+        """Leave nothing behind: children killed, outcomes kept, the rest given back."""
         if self._procs is not None:
             self._procs.close(kill=forced)
         store = self.manager._store
         try:
+            self._unrecorded += self._collect()
+            if self._unrecorded:
+                with store.transaction() as conn:
+                    self._record(conn, self._unrecorded, time.time())
+                self._log_finished(self._unrecorded)
             with store.transaction() as conn:
-                requeued = store.requeue_owned(conn, self.id, time.time(), count_loss=False)
+                requeued = store.requeue_owned(conn, [self.id], time.time(), loss=0)
             if requeued:
                 logger.warning("Exiting now: %d running task(s) back to pending", len(requeued))
             store.deregister_worker(self.id)
@@ -1283,13 +1441,6 @@ def _job_problem(doc, task, target):
     if not isinstance(doc.get("args"), list) or not isinstance(doc.get("kwargs"), dict):
         return f"the task document has bad args/kwargs: {doc.get('args')!r}, {doc.get('kwargs')!r}"
     return None
-
-
-def _started_ts(doc, default):
-    try:
-        return _parse_iso(doc["started_at"])
-    except (KeyError, TypeError, ValueError):
-        return default
 
 
 def _short_error(err):
@@ -1330,6 +1481,18 @@ class _Inbox:
         self._items.append(item)  # deque.append is thread-safe
         with contextlib.suppress(BlockingIOError):
             os.write(self._write, b"!")
+
+    def pending(self):
+        return len(self._items)
+
+    def settle(self, count, deadline):
+        """Wait until ``count`` items are in, or ``deadline`` (time.time())."""
+        while len(self._items) < count:
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self._read], [], [], left)[0]:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._read, 65536)
 
     def drain(self):
         items = []
@@ -1392,8 +1555,10 @@ class _ThreadPool:
     def _serve(self):
         while True:
             job = self.jobs.get()
-            task = self.manager._tasks[job["name"]]
-            reply = _execute(task, job["args"], job["kwargs"])
+            try:
+                reply = _execute(self.manager._tasks[job["name"]], job["args"], job["kwargs"])
+            except BaseException as exc:  # every job must report, whatever happens
+                reply = {"ok": False, "error": _castor_error(f"the task crashed castor: {exc!r}")}
             reply["mode"] = "thread"
             self.done.put((job["id"], reply, time.time()))
 
@@ -1413,7 +1578,8 @@ class _ThreadPool:
 class _ProcessPool:
     def __init__(self, config, size, done):
         self.jobs = queue.Queue()
-        self.slots = [_ProcessSlot(config, self.jobs, done, n) for n in range(size)]
+        self.cancelled = set()  # ids of queued jobs that must not start
+        self.slots = [_ProcessSlot(self, config, done, n) for n in range(size)]
         for slot in self.slots:
             slot.start()
 
@@ -1421,6 +1587,7 @@ class _ProcessPool:
         self.jobs.put(job)
 
     def kill(self, task_id):
+        self.cancelled.add(task_id)
         for slot in self.slots:
             if slot.current == task_id:
                 slot.kill_child()
@@ -1433,9 +1600,9 @@ class _ProcessPool:
 
 
 class _ProcessSlot(threading.Thread):
-    def __init__(self, config, jobs, done, n):
+    def __init__(self, pool, config, done, n):
         super().__init__(name=f"castor-process-{n}", daemon=True)
-        self.config, self.jobs, self.done = config, jobs, done
+        self.pool, self.config, self.jobs, self.done = pool, config, pool.jobs, done
         self.child = None
         self.current = None
         self.closing = False
@@ -1449,7 +1616,12 @@ class _ProcessSlot(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 return
+            # current first, then the check: kill() adds to cancelled first,
+            # then looks at current, so one of the two always sees the other.
             self.current = job["id"]
+            if job["id"] in self.pool.cancelled:
+                self.current = None
+                continue
             reply = self._run_job(job)
             reply["mode"] = "process"
             self.current = None
@@ -1499,8 +1671,10 @@ class _ProcessSlot(threading.Thread):
     def kill_child(self):
         with self._lock:
             child, self.child = self.child, None
-        if child is not None and child.poll() is None:
-            child.kill()
+        if child is not None:
+            # The child leads its own session: kill whatever the task started too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait()
 
     def stop(self, kill):
@@ -1523,7 +1697,7 @@ def _spawn_child(config):
     boot = f"import sys; sys.path.insert(0, {here!r}); import castor; castor._child_main()"
     child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True, env=dict(os.environ, CASTOR_POOL_CHILD="1"))
     ready, _, _ = select.select([child.stdout], [], [], CHILD_START_TIMEOUT)
     line = child.stdout.readline() if ready else b""
     hello = json.loads(line) if line else {"fatal": "no answer from the new process"}
@@ -1566,22 +1740,31 @@ def _child_main():
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # the tasks' prints must not corrupt the replies
     sys.path[:0] = [p for p in config["path"] if p not in sys.path]
+    _watch_parent(os.getppid())  # before the user's code, which could hang
     try:
         manager = _load_target(config["target"], config["imports"])
     except BaseException as exc:  # report any import failure to the parent
         replies.write(_dumps({"fatal": f"{type(exc).__name__}: {exc}"}) + "\n")
         replies.flush()
         return
-    _watch_parent(os.getppid())
     replies.write('{"ready":true}\n')
     replies.flush()
     for line in sys.stdin.buffer:
+        replies.write(_child_reply(manager, line) + "\n")
+        replies.flush()
+
+
+def _child_reply(manager, line):
+    """Run one job line in a pool child; always a reply line, whatever happens."""
+    try:
         job = json.loads(line)
         task = manager._tasks.get(job["name"])
-        reply = (_execute(task, job["args"], job["kwargs"]) if task is not None else
-                 {"ok": False, "error": _castor_error(f"unknown task {job['name']!r} in the process pool")})
-        replies.write(_dumps(reply) + "\n")
-        replies.flush()
+        if task is None:
+            return _dumps({"ok": False, "error": _castor_error(
+                f"unknown task {job['name']!r} in the process pool")})
+        return _dumps(_execute(task, job["args"], job["kwargs"]))
+    except BaseException as exc:
+        return _dumps({"ok": False, "error": _castor_error(f"the task crashed castor: {exc!r}")})
 
 
 def _watch_parent(parent):
@@ -2096,6 +2279,10 @@ def _count(text):
 
 
 def _setup_logging():
+    # The CLI owns this process's logging: skip what a log line does not show
+    # (caller, thread, process), which costs more than the line itself.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logger.addHandler(handler)
