@@ -259,17 +259,18 @@ class Task:
         if self.manager.immediate:
             return [self.schedule(_as_args(item)) for item in iterable]
         now = time.time()
-        docs = [self._document(_as_args(item), {}, now, now, self.priority)
+        stamp = _iso(now)
+        docs = [self._document(_as_args(item), {}, now, now, self.priority, stamp)
                 for item in iterable]
         self.manager._store.enqueue(docs)
         return [TaskHandle(self.manager, doc["id"], self.name) for doc in docs]
 
-    def _document(self, args, kwargs, now, eta, priority):
-        _check_json((args, kwargs), f"the arguments of {self.name}")
+    def _document(self, args, kwargs, now, eta, priority, stamp=None):
+        """A new task document; the store checks it is JSON as it writes it."""
         return {
-            "id": str(uuid.uuid4()), "task_name": self.name, "status": "pending",
+            "id": _new_id(), "task_name": self.name, "status": "pending",
             "args": list(args), "kwargs": kwargs,
-            "enqueued_at": _iso(now), "started_at": None, "finished_at": None,
+            "enqueued_at": stamp or _iso(now), "started_at": None, "finished_at": None,
             "result": None, "error": None, "exception": None,
             "mode": self.mode, "priority": priority,
             "eta": _iso(eta) if eta > now else None, "eta_ts": eta,
@@ -278,7 +279,8 @@ class Task:
 
     def _run_inline(self, doc):
         """Immediate mode: run now, retries included, and store the outcome."""
-        doc = json.loads(_dumps(doc))  # the function sees JSON, as in a worker
+        # The function sees JSON, as in a worker, and refuses what a worker would.
+        doc = json.loads(_to_json(doc, f"the arguments of {self.name}"))
         for attempt in range(1, self.retries + 2):
             started = time.time()
             reply = _execute(self, doc["args"], doc["kwargs"])
@@ -478,13 +480,19 @@ def _dumps(value):
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
-def _check_json(value, where):
-    """Refuse what JSON cannot carry, naming the offending value."""
+def _new_id():
+    """A random (version 4) UUID string, faster than str(uuid.uuid4())."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def _to_json(value, where):
+    """``value`` as compact JSON, refusing what JSON cannot carry and naming it."""
     def refuse(obj):
         raise NotJSONError(f"{obj!r} (type {type(obj).__name__}) in {where} is not "
                            "JSON: use str, int, float, bool, None, list or dict")
     try:
-        json.dumps(value, allow_nan=False, default=refuse)
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=refuse)
     except ValueError as exc:  # NaN or infinity, which SQLite's JSON refuses
         raise NotJSONError(f"{where} are not JSON: {exc}") from None
     except TypeError as exc:
@@ -514,7 +522,7 @@ def _execute(task, args, kwargs):
     """Run a task function; its failure becomes data (a reply dict)."""
     try:
         result = task.func(*args, **kwargs)
-        _check_json(result, f"the result of {task.name}")
+        _to_json(result, f"the result of {task.name}")
         return {"ok": True, "result": result}
     except BaseException as exc:  # a task's SystemExit is its failure, not ours
         return {"ok": False, "error": _error_data(exc)}
@@ -768,14 +776,18 @@ class _Store:
             self.enqueue_in(conn, docs)
 
     def enqueue_in(self, conn, docs):
-        """Add pending tasks; their ``seq`` (queue order) goes in the document too."""
+        """Add pending tasks; their ``seq`` (queue order) goes in the document too.
+
+        Serializing is the JSON check: a bad argument raises NotJSONError here,
+        inside the transaction, and nothing at all is enqueued.
+        """
         top = conn.execute("SELECT coalesce(max(seq), 0) FROM castor_jobs").fetchone()[0]
         jobs, rows = [], []
         for seq, doc in enumerate(docs, top + 1):
+            eta = doc.pop("eta_ts")
             doc["seq"] = seq
-            jobs.append((seq, doc["id"], doc["task_name"], doc["mode"], doc["priority"],
-                         doc.pop("eta_ts")))
-            rows.append((doc["id"], _dumps(doc)))
+            rows.append((doc["id"], _to_json(doc, f"the arguments of {doc['task_name']}")))
+            jobs.append((seq, doc["id"], doc["task_name"], doc["mode"], doc["priority"], eta))
         conn.executemany(_ADD_DOC, rows)
         conn.executemany(_ADD_JOB, jobs)
 
