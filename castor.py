@@ -104,6 +104,9 @@ MAX_SECONDS = 1e9
 #: finish so that one commit records them all (group commit).
 GROUP_COMMIT_WINDOW = 0.001
 
+#: The CLI writes its log lines at most this many seconds after the event.
+LOG_FLUSH_INTERVAL = 0.05
+
 #: Where inotify is missing, how often an idle worker looks for new work.
 IDLE_POLL = 0.002
 
@@ -477,7 +480,8 @@ def _db_path(db):
 
 
 def _dumps(value):
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    """JSON of a value castor built itself (already known to be JSON)."""
+    return _ENCODER.encode(value)
 
 
 def _new_id():
@@ -486,18 +490,22 @@ def _new_id():
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
+def _refuse(obj):
+    raise NotJSONError(f"{obj!r} (type {type(obj).__name__})")
+
+
+#: One encoder for all: json.dumps() with options builds a new one each call.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_refuse)
+
+
 def _to_json(value, where):
     """``value`` as compact JSON, refusing what JSON cannot carry and naming it."""
-    def refuse(obj):
-        raise NotJSONError(f"{obj!r} (type {type(obj).__name__}) in {where} is not "
-                           "JSON: use str, int, float, bool, None, list or dict")
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=refuse)
-    except ValueError as exc:  # NaN or infinity, which SQLite's JSON refuses
-        raise NotJSONError(f"{where} are not JSON: {exc}") from None
-    except TypeError as exc:
-        if isinstance(exc, NotJSONError):
-            raise
+        return _ENCODER.encode(value)
+    except NotJSONError as exc:
+        raise NotJSONError(f"{exc} in {where} is not JSON: use str, int, float, bool, "
+                           "None, list or dict") from None
+    except (TypeError, ValueError) as exc:  # NaN, infinity, bad keys, cycles
         raise NotJSONError(f"{where} are not JSON: {exc}") from None
 
 
@@ -1480,6 +1488,7 @@ class _Inbox:
 
     def __init__(self, db_path):
         self._items = collections.deque()
+        self._sleeping = False  # only a sleeping loop needs a byte in the pipe
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
@@ -1491,8 +1500,9 @@ class _Inbox:
 
     def put(self, item):
         self._items.append(item)  # deque.append is thread-safe
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._write, b"!")
+        if self._sleeping:  # see _sleep: one of the two always sees the other
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write, b"!")
 
     def pending(self):
         return len(self._items)
@@ -1501,10 +1511,8 @@ class _Inbox:
         """Wait until ``count`` items are in, or ``deadline`` (time.time())."""
         while len(self._items) < count:
             left = deadline - time.time()
-            if left <= 0 or not select.select([self._read], [], [], left)[0]:
+            if left <= 0 or not self._sleep([self._read], left, len(self._items)):
                 return
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._read, 65536)
 
     def drain(self):
         items = []
@@ -1514,16 +1522,27 @@ class _Inbox:
         return items
 
     def wait(self, timeout):
-        if self._items:
-            return
         fds = [self._read] if self._watch is None else [self._read, self._watch]
         if self._watch is None:
             timeout = min(timeout, IDLE_POLL)
-        ready, _, _ = select.select(fds, [], [], timeout)
+        self._sleep(fds, timeout)
+
+    def _sleep(self, fds, timeout, have=0):
+        """select() on ``fds`` unless more than ``have`` items are in; True if woken."""
+        # The flag goes up before the check; put() appends before it looks at
+        # the flag. Either this sees the item or put() sees the flag.
+        self._sleeping = True
+        try:
+            if len(self._items) > have:
+                return True
+            ready, _, _ = select.select(fds, [], [], timeout)
+        finally:
+            self._sleeping = False
         for fd in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(fd, 65536):
                     pass
+        return bool(ready)
 
     def close(self):
         for fd in (self._read, self._write, self._watch):
@@ -2295,11 +2314,64 @@ def _setup_logging():
     # (caller, thread, process), which costs more than the line itself.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    handler = _BatchingHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return handler
+
+
+class _Formatter(logging.Formatter):
+    """``2026-11-22 08:39:06,226 INFO    message``, the clock cached per second."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def formatTime(self, record, datefmt=None):
+        return f"{_local_seconds(int(record.created))},{int(record.msecs):03d}"
+
+
+@functools.lru_cache(maxsize=64)
+def _local_seconds(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+class _BatchingHandler(logging.StreamHandler):
+    """Writes lines in batches, at most LOG_FLUSH_INTERVAL late: a busy worker
+    logs thousands of lines a second, and a flush (a system call) per line
+    costs more than the line. Warnings and errors go out at once."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._lines = []
+        self._flusher = threading.Thread(target=self._flush_forever, name="castor-log",
+                                         daemon=True)
+        self._flusher.start()
+        atexit.register(self.flush)
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock:
+            self._lines.append(line)
+        if record.levelno >= logging.WARNING:
+            self.flush()
+
+    def flush(self):
+        with self.lock:
+            lines, self._lines = self._lines, []
+            if lines and self.stream:
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+
+    def _flush_forever(self):
+        while True:
+            time.sleep(LOG_FLUSH_INTERVAL)
+            self.flush()
 
 
 def main(argv=None):
