@@ -1747,9 +1747,24 @@ def _exit_reason(code):
 
 
 def _child_config(manager, target, imports):
-    """How a child finds the tasks: the worker's MODULE:VARIABLE and imports."""
-    return {"target": target or _locate(manager), "imports": list(imports),
-            "path": [p for p in sys.path if p]}
+    """How a child finds the tasks: the worker's MODULE:VARIABLE and imports,
+    and where they were found (sys.path may have changed since)."""
+    target = target or _locate(manager)
+    roots = [_module_root(sys.modules.get(name)) for name in [target.partition(":")[0], *imports]]
+    return {"target": target, "imports": list(imports),
+            "path": [p for p in [*roots, *sys.path] if p]}
+
+
+def _module_root(module):
+    """The sys.path entry a module was imported from, or None."""
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    depth = module.__name__.count(".") + (os.path.basename(path) == "__init__.py")
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
 
 
 def _locate(manager):
@@ -2344,6 +2359,7 @@ class _BatchingHandler(logging.StreamHandler):
     def __init__(self, stream):
         super().__init__(stream)
         self._lines = []
+        self._waiting = threading.Event()  # lines are waiting: an idle worker never wakes
         self._flusher = threading.Thread(target=self._flush_forever, name="castor-log",
                                          daemon=True)
         self._flusher.start()
@@ -2359,6 +2375,8 @@ class _BatchingHandler(logging.StreamHandler):
             self._lines.append(line)
         if record.levelno >= logging.WARNING:
             self.flush()
+        else:
+            self._waiting.set()
 
     def flush(self):
         with self.lock:
@@ -2370,7 +2388,9 @@ class _BatchingHandler(logging.StreamHandler):
 
     def _flush_forever(self):
         while True:
-            time.sleep(LOG_FLUSH_INTERVAL)
+            self._waiting.wait()
+            time.sleep(LOG_FLUSH_INTERVAL)  # let a burst of lines gather
+            self._waiting.clear()
             self.flush()
 
 

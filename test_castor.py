@@ -1568,3 +1568,135 @@ def test_dashboard_durations():
     assert dash._duration({**doc, "status": "running", "finished_at": None,
                            "started_at": iso(now - 1.5)}, now) == "1.50s"
     assert dash._duration({"status": "pending", "started_at": None}, now) == ""
+
+
+# Faults found in review #######################################################
+
+REVIEW = '''
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+@manager.task(mode="thread")
+def raises_unprintable():
+    raise Unprintable()
+
+
+@manager.task(mode="process", timeout=1.0)
+def spawns_and_hangs():
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mark(str(child.pid))
+    time.sleep(60)
+'''
+
+
+def test_exception_that_cannot_print_still_fails_the_task(make_project):
+    proj = make_project(REVIEW)
+    worker = proj.start("--workers", "1", "--threads", "1")
+    handle = proj.mod.raises_unprintable.delay()
+    with pytest.raises(proj.mod.Unprintable):
+        handle.join(timeout=20)
+    assert handle.info()["exception"]["message"] == "<unprintable Unprintable>"
+    assert proj.mod.add.delay(1, 1).join(timeout=20) == 2  # its one thread is back
+    assert proj.stop(worker)[0] == 0
+
+
+def test_timeout_kills_what_the_process_task_started(make_project):
+    proj = make_project(REVIEW)
+    proj.start("--workers", "1")
+    with pytest.raises(TimeoutError):
+        proj.mod.spawns_and_hangs.delay().join(timeout=30)
+    grandchild = int(proj.labels()[0])
+    wait_for(lambda: not alive(grandchild), timeout=5, what="the grandchild gone")
+
+
+def test_task_enqueued_as_process_but_registered_as_thread(make_project):
+    """A deploy changed a task's mode: the worker runs it in its own pool."""
+    proj = make_project('''
+@manager.task(mode=os.environ.get("CASTOR_TEST_MODE", "thread"))
+def switched():
+    return os.getpid()
+''')
+    os.environ["CASTOR_TEST_MODE"] = "process"
+    try:
+        handle = proj.mod.switched.delay()
+    finally:
+        del os.environ["CASTOR_TEST_MODE"]
+    assert handle.info()["mode"] == "process"
+    worker = proj.start("--workers", "1")  # a thread-only worker: no process pool
+    assert handle.join(timeout=20) == worker.pid
+    assert proj.stop(worker)[0] == 0
+
+
+def test_unreasonable_durations_are_refused(project):
+    for bad in (float("inf"), float("nan"), 1e12, -1):
+        with pytest.raises(ValueError):
+            project.manager.task(mode="thread", retry_delay=bad)
+        with pytest.raises(ValueError):
+            project.mod.add.schedule((1, 2), delay=bad)
+
+
+def test_a_live_worker_is_not_buried_after_a_stall(project):
+    """Judged by heartbeats seen move, not by wall time alone: after the file
+    was locked for a while, nobody's heartbeat is fresh, and the first worker
+    through must not take the others for dead."""
+    manager = project.manager
+    store = manager._store
+    handle = project.mod.add.delay(1, 2)
+    now = time.time()
+    store.register_worker("other", now - 60)  # silent for a minute, by the clock
+    with store.transaction() as conn:
+        conn.execute("UPDATE castor_workers SET pid = 1, host = 'elsewhere' WHERE id = 'other'")
+        assert store.claim(conn, "other", "thread", 1, now)
+    me = castor.Worker(manager, 1, 1)
+    store.register_worker(me.id, now)
+    me._reap(now)  # first sight of "other": not dead yet
+    assert handle.status() == "running"
+    me._beats += 9
+    store.heartbeat("other", now + 1)  # it beat meanwhile: alive
+    me._reap(now + 1)
+    assert handle.status() == "running"
+    me._beats += 10  # ten of our beats while its heartbeat stood still
+    me._reap(now + 20)
+    assert handle.status() == "pending" and handle.info()["losses"] == 1
+    me._inbox.close()
+
+
+def test_pool_children_cannot_start_workers(project):
+    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import castor, "
+              f"{project.module} as m\n"
+              "try:\n    castor.Worker(m.manager).run()\n"
+              "except castor.CastorError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, CASTOR_POOL_CHILD="1"), timeout=60)
+    assert "refused:" in done.stdout and "__main__" in done.stdout, done.stderr
+    assert project.worker_rows() == 0
+
+
+def test_symlinked_database_path_is_resolved(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    db = BeaverDB(str(link / "tasks.db"))
+    try:
+        assert Manager(db).path == str(real / "tasks.db")
+    finally:
+        db.close()
+
+
+def test_worker_inside_a_program_stops_cleanly(project):
+    worker = castor.Worker(project.manager, workers=1, threads=2)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        assert project.mod.add.delay(2, 2).join(timeout=20) == 4
+        assert project.mod.process_pid.delay().join(timeout=60) != os.getpid()
+    finally:
+        worker.stop()
+        runner.join(timeout=30)
+    assert not runner.is_alive() and worker.state == "Stopped"
+    assert project.worker_rows() == 0
+    assert children_of(os.getpid()) == set()
