@@ -32,6 +32,7 @@ capped at 1 s); castor's ``join`` polls SQLite's ``PRAGMA data_version``.
 
 How each figure is measured (medians of ``--repeats`` runs where repeated):
   1. enqueue, single: N calls of ``task.delay()`` / huey's ``task()``, no worker.
+     Row 1b, for information only: huey with ``fsync=False`` (synchronous=OFF).
   2. enqueue, bulk: castor ``Task.map`` of N items in one call; huey has no bulk
      enqueue API, so its figure is its per-call enqueue rate from row 1.
   3. drain: N tasks enqueued with no worker, then the worker is started. The rate
@@ -43,11 +44,12 @@ How each figure is measured (medians of ``--repeats`` runs where repeated):
   5. idle CPU: after the latency run and 2 s of settling, utime+stime (and the
      reaped children's cutime+cstime) of the worker and all its descendants, read
      from /proc before and after ``--idle`` seconds, as % of one core.
-  6. store size (castor only): the same file with 100,000 finished tasks (written
+  6. store size (castor only): a file with 100,000 finished tasks (written
      through castor's public ``Manager(db, immediate=True)`` path) against an
-     empty one: single ``delay()`` rate with no worker, then drain rate of
-     batches enqueued with ``.map`` (one transaction) while a worker is running,
-     measured by task timestamps as in row 3. Cost ratio = rate_empty / rate_full.
+     empty one, side by side, their measurements alternating: single ``delay()``
+     rate with no worker, then drain rate of batches enqueued with ``.map`` (one
+     transaction) while both stores' workers run, by task timestamps as in
+     row 3. Cost ratio = rate_empty / rate_full.
   P. process mode: N no-op ``mode="process"`` tasks drained by
      ``castor --workers 2`` against a warmed ``ProcessPoolExecutor(2)`` running the
      same function, both by task timestamps; castor's overhead per task is the
@@ -59,6 +61,7 @@ could not be completed (its row says ERROR).
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import os
 import shutil
@@ -67,7 +70,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -147,7 +149,7 @@ import os, time
 from huey import SqliteHuey
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-huey = SqliteHuey(filename=os.path.join(HERE, "huey.db"))
+huey = SqliteHuey(filename=os.path.join(HERE, "huey.db"){extra})
 
 @huey.task()
 def stamp():
@@ -266,6 +268,14 @@ class Worker:
         self.stop()
 
 
+def log_file(work_dir, what):
+    """A log path outside ``work_dir``: castor's worker watches its database's
+    directory with inotify, so its own log lines there would wake it up."""
+    logs = os.path.join(os.path.dirname(work_dir), "logs")
+    os.makedirs(logs, exist_ok=True)
+    return os.path.join(logs, f"{os.path.basename(work_dir)}-{what}-{time.monotonic_ns()}.log")
+
+
 def stop_all_workers():
     for worker in list(_LIVE):
         with contextlib.suppress(Exception):
@@ -300,9 +310,9 @@ class CastorSide:
     def command(self, flags=CASTOR_FLAGS):
         return [sys.executable, "-m", "castor", *flags, f"{self.module_name}:manager"]
 
-    def worker(self, label="castor", flags=CASTOR_FLAGS, argv_prefix=()):
-        return Worker([*argv_prefix, *self.command(flags)], self.dir,
-                      os.path.join(self.dir, f"worker-{time.monotonic_ns()}.log"), label)
+    def worker(self, label="castor", flags=CASTOR_FLAGS):
+        return Worker(self.command(flags), self.dir,
+                      log_file(self.dir, "worker"), label)
 
     def enqueue_one(self, task=None):
         return (task or self.mod.stamp).delay()
@@ -332,10 +342,10 @@ class CastorSide:
 class HueySide:
     name = "huey"
 
-    def __init__(self, root, tag):
+    def __init__(self, root, tag, extra=""):
         self.dir = tempfile.mkdtemp(prefix=f"huey-{tag}-", dir=root)
         with open(os.path.join(self.dir, "benchhuey.py"), "w") as f:
-            f.write(HUEY_MODULE)
+            f.write(HUEY_MODULE.replace("{extra}", extra))
         self.mod = load_module("benchhuey", self.dir)
         self.huey = self.mod.huey
 
@@ -345,7 +355,7 @@ class HueySide:
 
     def worker(self, label="huey"):
         return Worker(self.command(), self.dir,
-                      os.path.join(self.dir, f"consumer-{time.monotonic_ns()}.log"), label)
+                      log_file(self.dir, "consumer"), label)
 
     def enqueue_one(self):
         return self.mod.stamp()
@@ -397,6 +407,17 @@ def measure_castor_map(root, n, repeats):
         side.close()
 
 
+def measure_huey_nofsync(root, n, repeats):
+    """Informational: huey's enqueue with fsync=False (synchronous=OFF)."""
+    side = HueySide(root, "nofsync", extra=", fsync=False")
+    try:
+        value = measure_enqueue(side, n, repeats)
+        log(f"huey enqueue, fsync=False: {value:,.0f}/s")
+        return value
+    finally:
+        side.close()
+
+
 def stamp_rate(stamps):
     """Tasks per second between the first and the last task's own timestamp."""
     window = max(stamps) - min(stamps)
@@ -414,6 +435,13 @@ def measure_drain(side, n):
                    worker, poll=0.05)
         wall = time.monotonic() - worker.started
     return stamp_rate(side.results(handles)), wall
+
+
+def measure_drains(side, n, repeats):
+    """Median (rate, wall) of ``repeats`` drains, each by a freshly started worker."""
+    runs = [measure_drain(side, n) for _ in range(repeats)]
+    return (statistics.median(rate for rate, _ in runs),
+            statistics.median(wall for _, wall in runs))
 
 
 def measure_latency_and_idle(side, n, idle_seconds, warmups=5):
@@ -464,34 +492,49 @@ def fill_finished(side, n, chunk=5000):
 
 
 def measure_store(root, full_n, enq_n, drain_n, repeats):
-    """Castor's enqueue and drain rates on an empty store and a store of full_n."""
-    out = {}
-    for label, prefill in (("empty", 0), ("full", full_n)):
-        side = CastorSide(root, f"store-{label}")
-        try:
-            if prefill:
-                start = time.perf_counter()
-                fill_finished(side, prefill)
-                log(f"castor: wrote {prefill:,} finished tasks in {time.perf_counter() - start:.1f}s")
-            size_mb = os.path.getsize(os.path.join(side.dir, "castor.db")) / 1e6
-            enqueue = measure_enqueue(side, enq_n, repeats)
-            drains = []
-            with side.worker(label=f"castor ({label} store)") as worker:
-                # the enqueue runs above left a backlog: let it drain first
-                wait_until(lambda: side.unfinished() == 0, 120, "the enqueue backlog", worker)
-                for _ in range(repeats):
+    """Castor's enqueue and drain rates on an empty store and a store of full_n.
+
+    Both stores exist side by side and their measurements alternate, so a
+    burst of load from elsewhere on the machine hits both alike. For the
+    drains both workers run, one idling while the other drains.
+    """
+    sides = {}
+    try:
+        for label in ("empty", "full"):
+            sides[label] = CastorSide(root, f"store-{label}")
+        start = time.perf_counter()
+        fill_finished(sides["full"], full_n)
+        log(f"castor: wrote {full_n:,} finished tasks in {time.perf_counter() - start:.1f}s")
+        out = {label: {"enqueue": [], "drain": [], "size_mb": os.path.getsize(
+            os.path.join(side.dir, "castor.db")) / 1e6} for label, side in sides.items()}
+        for side in sides.values():
+            side.enqueue_one()  # warm-up
+        for _ in range(repeats):
+            for label, side in sides.items():
+                out[label]["enqueue"].append(
+                    rate_of(enq_n, lambda: [side.enqueue_one() for _ in range(enq_n)]))
+        with contextlib.ExitStack() as stack:
+            workers = {label: stack.enter_context(side.worker(label=f"castor ({label} store)"))
+                       for label, side in sides.items()}
+            for label, side in sides.items():  # the enqueue runs left a backlog
+                wait_until(lambda: side.unfinished() == 0, 120, "the enqueue backlog",
+                           workers[label])
+            for _ in range(repeats):
+                for label, side in sides.items():
                     handles = side.enqueue_backlog(drain_n)  # one transaction
                     # poll cheap counts, not every handle, while the worker drains
                     wait_until(lambda: side.unfinished() == 0, max(60.0, drain_n / 50),
-                               f"{drain_n} tasks", worker)
-                    drains.append(stamp_rate(side.results(handles)))
-            out[label] = {"enqueue": enqueue, "drain": statistics.median(drains),
-                          "size_mb": size_mb}
-            log(f"castor {label} store ({size_mb:.1f} MB before): enqueue {enqueue:,.0f}/s, "
-                f"drain {out[label]['drain']:,.0f}/s")
-        finally:
+                               f"{drain_n} tasks", workers[label])
+                    out[label]["drain"].append(stamp_rate(side.results(handles)))
+        for label, data in out.items():
+            data["enqueue"] = statistics.median(data["enqueue"])
+            data["drain"] = statistics.median(data["drain"])
+            log(f"castor {label} store ({data['size_mb']:.1f} MB): enqueue "
+                f"{data['enqueue']:,.0f}/s, drain {data['drain']:,.0f}/s")
+        return out
+    finally:
+        for side in sides.values():
             side.close()
-    return out
 
 
 def measure_process(root, n, repeats):
@@ -529,7 +572,7 @@ def profile_drain(root, n):
         prefix = [sys.executable, "-m", "pyinstrument", "-o", report]
         # pyinstrument runs ``castor.py`` as a script; same code path as -m castor.
         argv = [*prefix, os.path.join(REPO, "castor.py"), *CASTOR_FLAGS, "benchtasks:manager"]
-        worker = Worker(argv, side.dir, os.path.join(side.dir, "profile-worker.log"),
+        worker = Worker(argv, side.dir, log_file(side.dir, "profile-worker"),
                         "castor (pyinstrument)")
         with worker:
             wait_until(lambda: side.finished() >= n, max(60.0, n / 20), "profiled drain", worker)
@@ -630,8 +673,9 @@ def run(args, cfg, root):
 
     r = cfg["repeats"]
     attempt("enqueue", lambda: each("enqueue", lambda s: measure_enqueue(s, cfg["enqueue"], r)))
+    attempt("enqueue_nofsync", lambda: measure_huey_nofsync(root, cfg["enqueue"], r))
     attempt("map", lambda: measure_castor_map(root, cfg["map"], r))
-    attempt("drain", lambda: each("drain", lambda s: measure_drain(s, cfg["drain"])))
+    attempt("drain", lambda: each("drain", lambda s: measure_drains(s, cfg["drain"], r)))
     attempt("latency", lambda: each("latency", lambda s: measure_latency_and_idle(
         s, cfg["latency"], cfg["idle"])))
     if not args.no_store:
@@ -651,6 +695,10 @@ def run(args, cfg, root):
                      fmt_rate(h1), fmt_ratio(x), f">= {TARGET_ENQUEUE:g}x", verdict(x >= TARGET_ENQUEUE)))
     else:
         rows.append(("1", "enqueue, single .delay", "ERROR", "ERROR", "-", f">= {TARGET_ENQUEUE:g}x", "ERROR"))
+    h1b = results.get("enqueue_nofsync")
+    if h1b is not None:
+        rows.append(("1b", "  same, huey with fsync=False (sync OFF; info only)", fmt_rate(c1),
+                     fmt_rate(h1b), fmt_ratio(ratio(c1, h1b)), "-", "n/a"))
     c2 = results.get("map")
     x = ratio(c2, h1)
     rows.append(("2", f"enqueue, castor .map of {cfg['map']:,} vs huey per-call*",
@@ -680,6 +728,8 @@ def run(args, cfg, root):
         rows.append(("5", f"idle worker CPU over {cfg['idle']:g}s, % of a core", f"{ccpu:.2f}%",
                      f"{hcpu:.2f}%", fmt_ratio(ratio(ccpu, hcpu)), f"castor < {TARGET_IDLE:g}%",
                      verdict(ccpu < TARGET_IDLE)))
+        notes.append(f"row 5 resolution: one clock tick (1/{os.sysconf('SC_CLK_TCK')} s) over "
+                     f"{cfg['idle']:g}s is {100 / os.sysconf('SC_CLK_TCK') / cfg['idle']:.2f}% of a core")
     else:
         rows.append(("4", "latency", "ERROR", "ERROR", "-", f"<= {TARGET_LATENCY:g}x", "ERROR"))
         rows.append(("5", "idle CPU", "ERROR", "ERROR", "-", f"< {TARGET_IDLE:g}%", "ERROR"))
@@ -697,7 +747,8 @@ def run(args, cfg, root):
                              verdict(x <= TARGET_STORE)))
             notes.append(f"row 6 store file: {store['full']['size_mb']:.1f} MB with "
                          f"{cfg['full']:,} finished tasks; drain batches of {cfg['store_drain']:,} "
-                         "enqueued by .map while a worker runs, rate by task timestamps")
+                         "enqueued by .map while both stores' workers run, rate by task timestamps; "
+                         "empty and full measured alternately")
         else:
             rows.append(("6", "100k finished vs empty store", "ERROR", "not run", "-",
                          f"<= {TARGET_STORE:g}x cost", "ERROR"))
@@ -718,6 +769,17 @@ def run(args, cfg, root):
     return rows, notes, results
 
 
+def load_average():
+    with contextlib.suppress(OSError):
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return "?"
+
+
+def castor_digest():
+    with open(os.path.join(REPO, "castor.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def main(argv=None):
     args, cfg = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
@@ -725,6 +787,7 @@ def main(argv=None):
     import huey
     root = tempfile.mkdtemp(prefix="castor-bench-")
     began = time.monotonic()
+    load_before, digest = load_average(), castor_digest()
     log(f"castor {castor.__version__} from {castor.__file__}; huey {huey.__version__}; "
         f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; temp dir {root}")
     try:
@@ -740,12 +803,17 @@ def main(argv=None):
     print(f"castor {castor.__version__} vs huey {huey.__version__} SqliteHuey, python "
           f"{sys.version.split()[0]}, {os.cpu_count()} CPUs{' (--quick)' if args.quick else ''}, "
           f"{time.monotonic() - began:.0f}s")
+    print(f"castor.py sha256 {digest}; load average before {load_before}, after "
+          f"{load_average()} (other work on the machine skews the figures)")
     print("castor worker: castor " + " ".join(CASTOR_FLAGS) + " benchtasks:manager")
     print("huey worker:   huey_consumer benchhuey.huey " + " ".join(HUEY_FLAGS)
           + "  (SqliteHuey(filename=...), other settings default)")
     print("ratio = castor / huey (rates: higher is better; latency: lower is better); "
           "row 6 ratio = rate_empty / rate_full (cost)")
     print_table(rows)
+    print("Huey's default fsync=None leaves SQLite at synchronous=FULL (a WAL sync per commit); "
+          "castor runs synchronous=NORMAL.\nRow 1b shows huey without syncs "
+          "(synchronous=OFF, less durable than either); it does not count toward a verdict.")
     print("* huey has no bulk enqueue API: row 2 compares castor's .map with huey's per-call "
           "enqueue (row 1).")
     print(f"Rates are medians of {cfg['repeats']} runs where repeated; drain rates are "
@@ -761,4 +829,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # workers already stopped by main's finally
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
