@@ -142,23 +142,24 @@ def pboom(message):
     raise AppError(message)
 
 
-@manager.task(mode="thread")
-def sleepy(seconds, label=None):
+def sleep_marked(seconds, label):
+    """Sleep, marking the start and the end in runs.log when labelled."""
     if label:
         mark(label + ":start")
     time.sleep(seconds)
     if label:
         mark(label + ":end")
+
+
+@manager.task(mode="thread")
+def sleepy(seconds, label=None):
+    sleep_marked(seconds, label)
     return seconds
 
 
 @manager.task(mode="process")
 def psleepy(seconds, label=None):
-    if label:
-        mark(label + ":start")
-    time.sleep(seconds)
-    if label:
-        mark(label + ":end")
+    sleep_marked(seconds, label)
     return os.getpid()
 
 
