@@ -631,19 +631,26 @@ def _find_class(module_name, qualname):
 # three transactions) and its blocking reads poll every 100 ms.
 #
 # Next to the documents castor keeps its own tables in the same file:
-#   castor_jobs     one row per task: status, mode, priority, eta, owner. Its
-#                   partial indexes cover only pending and running rows, so
-#                   claiming stays as cheap with 100k finished tasks as with none.
+#   castor_jobs     one row per task, keyed by ``seq`` (queue order, also in
+#                   the document): status, mode, priority, eta, owner. Its
+#                   partial indexes cover pending and running rows apart from
+#                   finished ones, so enqueue and claim cost the same with 100k
+#                   finished tasks as with none.
 #   castor_workers  one row per live worker, with a heartbeat.
 #   castor_stats    counts of finished tasks by status, kept in step.
 #   castor_periodic when each periodic task is next due.
 #
 # Every state change updates castor_jobs and the document in one
-# ``BEGIN IMMEDIATE`` transaction: a claim marks the job running, names the
-# worker and rewrites the document atomically, so no task goes to two workers.
-# Waiting is polling ``PRAGMA data_version``, which changes only when another
-# connection commits: a few microseconds a poll, and no document is read
-# unless something changed.
+# ``BEGIN IMMEDIATE`` transaction: a claim marks the jobs running, names the
+# worker and rewrites the documents atomically (two statements for a batch),
+# so no task goes to two workers. A worker claims only as many tasks as it has
+# free slots, and records finished tasks in the same transaction as its next
+# claim (group commit).
+#
+# Waiting: ``join`` polls ``PRAGMA data_version``, which changes only when
+# another connection commits (a few microseconds, and no document is read
+# unless something changed); an idle worker sleeps until the file changes
+# (see "Worker: waking up").
 #
 # Reliance on beaver internals: the table ``__beaver_dicts__`` and its columns
 # (dict_name, key, value, expires_at) as beaver-db 2.x creates them. Pinned in
