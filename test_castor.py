@@ -444,7 +444,13 @@ def test_thread_task_in_worker_process_and_process_task_elsewhere(project):
     child = mod.process_pid.delay().join(timeout=30)
     assert child != worker.pid and child != os.getpid()
     assert child in children_of(worker.pid)
-    assert mod.add.delay(2, 3).join(timeout=10) == 5
+    handle = mod.add.delay(2, 3)
+    assert handle.join(timeout=10) == 5
+    # What the worker wrote, beaver's own API reads back.
+    doc = mod.db.dict("castor_tasks")[handle.id]
+    assert (doc["status"], doc["result"], doc["error"]) == ("success", 5, None)
+    assert doc["worker"].split(":")[1] == str(worker.pid) and doc["attempts"] == 1
+    assert doc["started_at"] <= doc["finished_at"]
     code, _, err = project.stop(worker)
     assert code == 0 and "Traceback" not in err
     assert not alive(child)
