@@ -897,37 +897,36 @@ class _Store:
         return claimed
 
     def finish(self, conn, worker_id, outcomes, now):
-        """Record final outcomes [(seq, doc)]; the docs this worker still owned."""
+        """Record final outcomes [(seq, doc, json)]; the docs this worker still owned."""
         changed = conn.executemany(
             "UPDATE castor_jobs SET status = ?, worker = NULL, finished = ? "
-            "WHERE seq = ? AND worker = ? AND status = 'running'",
-            [(doc["status"], now, seq, worker_id) for seq, doc in outcomes]).rowcount
+            "WHERE seq = ? AND id = ? AND worker = ? AND status = 'running'",
+            [(doc["status"], now, seq, doc["id"], worker_id) for seq, doc, _ in outcomes]).rowcount
         kept = outcomes
         if changed < len(outcomes):  # some lease was lost: which rows did we write?
             marks = ",".join("?" * len(outcomes))
             mine = {seq for (seq,) in conn.execute(
                 f"SELECT seq FROM castor_jobs WHERE seq IN ({marks}) AND worker IS NULL "
-                "AND finished = ?", (*[seq for seq, _ in outcomes], now))}
-            kept = [(seq, doc) for seq, doc in outcomes if seq in mine]
-        conn.executemany(_SET_DOC, [(_dumps(doc), doc["id"]) for _, doc in kept])
-        for status, n in collections.Counter(doc["status"] for _, doc in kept).items():
+                "AND finished = ?", (*[seq for seq, _, _ in outcomes], now))}
+            kept = [outcome for outcome in outcomes if outcome[0] in mine]
+        rows = [(raw, doc["id"]) for _, doc, raw in kept]
+        if conn.executemany(_SET_DOC, rows).rowcount < len(rows):
+            # Someone deleted a document meanwhile: the outcome brings it back.
+            conn.executemany(_ADD_DOC.replace("INSERT", "INSERT OR IGNORE"),
+                             [(key, raw) for raw, key in rows])
+        for status, n in collections.Counter(doc["status"] for _, doc, _ in kept).items():
             conn.execute(_BUMP, (status, n))
-        return [doc for _, doc in kept]
+        return [doc for _, doc, _ in kept]
 
-    def retry_later(self, conn, worker_id, seq, doc, eta):
+    def retry_later(self, conn, worker_id, seq, doc, raw, eta):
         """Put a failed attempt back to pending until ``eta``."""
-        if not self._owned(conn, worker_id, [seq]):
+        if not conn.execute("SELECT 1 FROM castor_jobs WHERE seq = ? AND id = ? AND worker = ? "
+                            "AND status = 'running'", (seq, doc["id"], worker_id)).fetchone():
             return False
         conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, eta = ? "
                      "WHERE seq = ?", (eta, seq))
-        conn.execute(_SET_DOC, (_dumps(doc), doc["id"]))
+        conn.execute(_SET_DOC, (raw, doc["id"]))
         return True
-
-    def _owned(self, conn, worker_id, seqs):
-        marks = ",".join("?" * len(seqs))
-        return [seq for (seq,) in conn.execute(
-            f"SELECT seq FROM castor_jobs WHERE seq IN ({marks}) AND worker = ? "
-            "AND status = 'running'", (*seqs, worker_id))]
 
     def requeue_owned(self, conn, owners, now, loss):
         """Return the running tasks of ``owners`` (and of no live worker) to pending."""
@@ -1005,10 +1004,16 @@ class _Store:
         return True
 
 
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _load_doc(task_id, raw):
     """A document as stored; garbage becomes a document that says so."""
     try:
-        doc = json.loads(raw)
+        # NaN and Infinity (which beaver's json.dumps lets through) are garbage
+        # too: SQLite's JSON functions refuse them.
+        doc = json.loads(raw, parse_constant=_no_constants)
     except (TypeError, ValueError):
         doc = None
     if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
@@ -1174,12 +1179,15 @@ class Worker:
         with store.transaction() as conn:
             retried = self._record(conn, finished, now)
             claimed = {mode: store.claim(conn, self.id, mode, free, now) for mode, free in modes}
+            for mode, free in modes:
+                self._more[mode] = len(claimed[mode]) == free
+                if not self._more[mode]:  # drained for now: when is the next one due?
+                    self._next_eta[mode] = store.next_eta(mode)
         self._unrecorded = []
         if retried:
             self._seen.clear()  # our own commit put work back: look again
         self._log_finished(finished)
-        for mode, free in modes:
-            self._more[mode] = len(claimed[mode]) == free
+        for mode, _ in modes:
             for seq, doc in claimed[mode]:
                 self._dispatch(seq, doc, mode)
 
@@ -1187,8 +1195,10 @@ class Worker:
         """Sleep until the file changes, a task finishes, or something falls due."""
         wake = [self._next_beat]
         wake += [run.deadline for run in list(self._running.values()) if run.deadline]
-        if not self._stop.is_set() and self._free_modes():
-            wake += [eta for eta in self._next_eta.values() if eta is not None]
+        if not self._stop.is_set():
+            for mode, _ in self._free_modes():
+                if self._pool(mode) is not None and self._next_eta.get(mode) is not None:
+                    wake.append(self._next_eta[mode])
             wake += self._periodic_due.values()
         self._inbox.wait(max(0.0, min(wake) - now))
         if self._inbox.pending() and any(self._more.values()):
@@ -1265,14 +1275,17 @@ class Worker:
                     self._retry(conn, run, reply, ended, delay)
                     continue
                 _apply_reply(run.doc, reply, ended)
+                raw = _dumps(run.doc)
             except Exception as exc:  # one bad outcome must not block the others
                 logger.exception("Task %s: could not record its outcome", run.doc["id"][:8])
+                run.doc = _missing_doc(run.doc.get("id"), "an outcome castor could not record")
                 _apply_reply(run.doc, {"ok": False, "error": _castor_error(
                     f"castor could not record this task's outcome: {exc!r}")}, ended)
-            final.append((run.seq, run.doc))
+                raw = _dumps(run.doc)
+            final.append((run.seq, run.doc, raw))
         if final:
             kept = {id(doc) for doc in store.finish(conn, self.id, final, now)}
-            for _, doc in final:
+            for _, doc, _ in final:
                 if id(doc) not in kept:
                     logger.warning("Task %s: lease lost, result discarded", doc["id"][:8])
         return retried
@@ -1281,7 +1294,7 @@ class Worker:
         doc = run.doc
         doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
                    exception=reply["error"], started_at=None, retry_at=_iso(ended + delay))
-        self.manager._store.retry_later(conn, self.id, run.seq, doc, ended + delay)
+        self.manager._store.retry_later(conn, self.id, run.seq, doc, _dumps(doc), ended + delay)
 
     def _retry_delay(self, run, reply):
         """Seconds until the next attempt, or None when this was the last one."""
@@ -1450,7 +1463,7 @@ class Worker:
             if requeued:
                 logger.warning("Exiting now: %d running task(s) back to pending", len(requeued))
             store.deregister_worker(self.id)
-        except sqlite3.Error:
+        except Exception:  # even then: close up, other workers will take over
             logger.exception("could not give back running tasks; other workers will")
         self._inbox.close()
         logger.info("Worker %s stopped", self.id)

@@ -1707,3 +1707,46 @@ def test_worker_inside_a_program_stops_cleanly(project):
     assert not runner.is_alive() and worker.state == "Stopped"
     assert project.worker_rows() == 0
     assert children_of(os.getpid()) == set()
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_scheduled_task_claimed_with_a_ready_one_still_runs_on_time(project):
+    worker = project.start("--workers", "1")
+    mod = project.mod
+    for _ in range(3):
+        later = mod.add.schedule((1, 1), delay=0.8)
+        now = mod.add.delay(2, 2)  # seen in the same look as the scheduled one
+        assert now.join(timeout=10) == 4
+        assert later.join(timeout=5) == 2
+        doc = later.info()
+        lag = castor._parse_iso(doc["started_at"]) - castor._parse_iso(doc["enqueued_at"])
+        assert 0.8 <= lag < 1.3, lag
+    assert worker.poll() is None
+
+
+def test_a_full_pool_waits_without_spinning(project):
+    worker = project.start("--workers", "1", "--threads", "1")
+    mod = project.mod
+    scheduled = mod.sleepy.schedule((2.5,), delay=0.3)
+    wait_for(lambda: scheduled.status() == "running", what="the scheduled task running")
+    before = _cpu_seconds(worker.pid)
+    time.sleep(1.0)  # measuring: the worker must be asleep while its one thread works
+    assert _cpu_seconds(worker.pid) - before < 0.2
+    assert scheduled.join(timeout=10) == 2.5
+
+
+def test_document_with_nan_written_through_beaver_fails_alone(project):
+    mod = project.mod
+    handles = [mod.add.delay(i, i) for i in range(3)]
+    docs = mod.db.dict("castor_tasks")
+    docs[handles[1].id] = dict(docs[handles[1].id], note=float("nan"))
+    worker = project.start("--workers", "1")
+    assert handles[0].join(timeout=20) == 0 and handles[2].join(timeout=20) == 4
+    with pytest.raises(TaskError, match="corrupt"):
+        handles[1].join(timeout=20)
+    assert project.stop(worker)[0] == 0
