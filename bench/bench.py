@@ -398,21 +398,20 @@ def measure_map(side, n, repeats):
 
 
 def measure_castor_map(root, n, repeats):
-    side = CastorSide(root, "map")
-    try:
-        value = measure_map(side, n, repeats)
-        log(f"castor map: {value:,.0f}/s")
-        return value
-    finally:
-        side.close()
+    return measure_on(CastorSide(root, "map"), measure_map, n, repeats, "castor map")
 
 
 def measure_huey_nofsync(root, n, repeats):
     """Informational: huey's enqueue with fsync=False (synchronous=OFF)."""
     side = HueySide(root, "nofsync", extra=", fsync=False")
+    return measure_on(side, measure_enqueue, n, repeats, "huey enqueue, fsync=False")
+
+
+def measure_on(side, measure, n, repeats, label):
+    """One measurement on a side of its own, closed afterwards."""
     try:
-        value = measure_enqueue(side, n, repeats)
-        log(f"huey enqueue, fsync=False: {value:,.0f}/s")
+        value = measure(side, n, repeats)
+        log(f"{label}: {value:,.0f}/s")
         return value
     finally:
         side.close()
