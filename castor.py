@@ -697,6 +697,7 @@ CREATE TABLE IF NOT EXISTS castor_periodic (
 _WHERE_DOC = f"WHERE dict_name = '{DICT_NAME}' AND key"
 _ADD_DOC = ("INSERT INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
             f"VALUES ('{DICT_NAME}', ?, ?, NULL)")
+_RESTORE_DOC = _ADD_DOC.replace("INSERT", "INSERT OR IGNORE", 1)
 _SET_DOC = f"UPDATE __beaver_dicts__ SET value = ? {_WHERE_DOC} = ?"
 _GET_DOC = f"SELECT value FROM __beaver_dicts__ {_WHERE_DOC} = ?"
 _DEL_DOC = f"DELETE FROM __beaver_dicts__ {_WHERE_DOC} = ?"
@@ -912,8 +913,7 @@ class _Store:
         rows = [(raw, doc["id"]) for _, doc, raw in kept]
         if conn.executemany(_SET_DOC, rows).rowcount < len(rows):
             # Someone deleted a document meanwhile: the outcome brings it back.
-            conn.executemany(_ADD_DOC.replace("INSERT", "INSERT OR IGNORE"),
-                             [(key, raw) for raw, key in rows])
+            conn.executemany(_RESTORE_DOC, [(key, raw) for raw, key in rows])
         for status, n in collections.Counter(doc["status"] for _, doc, _ in kept).items():
             conn.execute(_BUMP, (status, n))
         return [doc for _, doc, _ in kept]
@@ -928,13 +928,15 @@ class _Store:
         conn.execute(_SET_DOC, (raw, doc["id"]))
         return True
 
-    def requeue_owned(self, conn, owners, now, loss):
-        """Return the running tasks of ``owners`` (and of no live worker) to pending."""
+    def requeue_owned(self, conn, owners, now, loss, orphans=False):
+        """Return the running tasks of ``owners`` (and, with ``orphans``, of no
+        live worker) to pending, adding ``loss`` to their losses."""
         marks = ",".join("?" * len(owners))
+        orphaned = ("OR worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)"
+                    if orphans else "")
         rows = conn.execute(
             "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
-            f"WHERE status = 'running' AND (worker IN ({marks}) OR worker IS NULL OR "
-            "worker NOT IN (SELECT id FROM castor_workers))", owners).fetchall()
+            f"WHERE status = 'running' AND (worker IN ({marks}) {orphaned})", owners).fetchall()
         return [self._requeue(conn, seq, task_id, losses + loss, now)
                 for seq, task_id, losses in rows]
 
@@ -985,7 +987,7 @@ class _Store:
         with self.transaction() as conn:
             gone = [wid for wid, beat in dead.items() if conn.execute(
                 "DELETE FROM castor_workers WHERE id = ? AND heartbeat = ?", (wid, beat)).rowcount]
-            return self.requeue_owned(conn, gone, now, loss=1)
+            return self.requeue_owned(conn, gone, now, loss=1, orphans=True)
 
     def has_orphans(self):
         return self.conn.execute(
