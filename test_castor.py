@@ -223,8 +223,8 @@ class Project:
         proc.files = (out, err)
         self.workers.append(proc)
         if wait:
-            wait_for(lambda: self.worker_rows() > len([w for w in self.workers if w.poll() is None]) - 1
-                     or proc.poll() is not None, what="worker registration")
+            wait_for(lambda: self.worker_rows(proc.pid) or proc.poll() is not None,
+                     what="worker registration")
             assert proc.poll() is None, self.output(proc)
         return proc
 
@@ -238,10 +238,13 @@ class Project:
             texts.append(fh.read())
         return tuple(texts)
 
-    def worker_rows(self):
+    def worker_rows(self, pid=None):
+        """How many workers are registered (with ``pid``: that one's rows)."""
+        where, params = ("WHERE pid = ?", (pid,)) if pid else ("", ())
         with sqlite3.connect(self.path / "tasks.db") as conn:
             try:
-                return conn.execute("SELECT count(*) FROM castor_workers").fetchone()[0]
+                return conn.execute(f"SELECT count(*) FROM castor_workers {where}",
+                                    params).fetchone()[0]
             except sqlite3.OperationalError:
                 return 0
 
@@ -675,8 +678,8 @@ def test_castor_copied_alone_into_a_project(tmp_path):
         assert done.stdout.strip() == str(app / "castor.py")
     finally:
         worker.send_signal(signal.SIGINT)
-        worker.communicate(timeout=30)
-    assert worker.returncode == 0
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
 
 
 # Reliability: kill -9, signals, faults ########################################
@@ -1028,6 +1031,7 @@ def test_cancel_pending_running_and_finished(project):
 def test_cancel_racing_claims(project):
     handles = project.mod.record.map([(f"c{i}",) for i in range(300)])
     project.start("--workers", "1", "--threads", "4")
+    wait_for(lambda: handles[0].status() != "pending", what="the first claim")
     outcomes = [(h, h.cancel()) for h in handles]
     wait_for(lambda: all(h for h in handles), what="all finished or cancelled")
     ran = collections.Counter(project.labels())
