@@ -658,6 +658,14 @@ def test_design_plan_fastapi_flow(tmp_path, command):
     assert "started: tasks.complex_calculation(100, 250)" in err
 
 
+def _registered(db_path):
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:  # never creates it
+            return conn.execute("SELECT count(*) FROM castor_workers").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def test_castor_copied_alone_into_a_project(tmp_path):
     app = tmp_path / "app"
     _copy_example("quickstart", app)
@@ -670,6 +678,9 @@ def test_castor_copied_alone_into_a_project(tmp_path):
                               cwd=app, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        # The app starts once the worker has made the file, as in the README.
+        wait_for(lambda: worker.poll() is not None or _registered(app / "tasks.db"),
+                 timeout=60, what="the worker up")
         script = ("import castor, main; assert castor.__file__.startswith(%r), castor.__file__;"
                   "print(main.where.delay().join(timeout=60))" % str(app))
         done = subprocess.run([sys.executable, "-c", script], cwd=app, env=env,
