@@ -4,7 +4,8 @@ Decorate a function, call ``.delay()``, wait on the handle, and run a worker
 with ``castor main:manager``. The application and the workers talk only
 through the SQLite file of a beaver-db database: no Redis, no broker. Castor
 needs only the standard library and beaver-db, and this file can be copied
-into a project as it is.
+into a project as it is. For workers on several hosts, give the Manager a
+PostgreSQL connection string instead (that store needs psycopg 3).
 
     from beaver import BeaverDB
     from castor import Manager
@@ -16,33 +17,33 @@ into a project as it is.
 Licence: MIT.
 """
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 __author__ = "The castor developers"
 __license__ = "MIT"
 
 __all__ = [
+    "Cancelled",
     "CastorError",
     "Manager",
     "NotJSONError",
+    "PayloadTooLarge",
+    "StoreError",
     "Task",
+    "TaskContext",
     "TaskError",
     "TaskHandle",
     "UnknownTaskError",
     "Worker",
+    "current_task",
     "main",
 ]
 
-import argparse
-import asyncio
 import atexit
-import builtins
 import collections
 import contextlib
-import ctypes
+import contextvars
 import datetime
 import functools
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -51,21 +52,29 @@ import queue
 import random
 import select
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import termios
 import threading
 import time
 import traceback
-import unicodedata
-import uuid
+
+# Imported where they are used, to keep ``import castor`` cheap: argparse,
+# asyncio, ctypes, hashlib, html, importlib, inspect, socket, subprocess,
+# termios, unicodedata, uuid, zoneinfo, wsgiref, and psycopg (PostgreSQL only).
+
+
+def _own_name():
+    """The name this module is imported as: ``castor``, or ``pkg.vendor.castor``."""
+    spec = globals().get("__spec__")
+    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+        return spec.name
+    return "castor" if __name__ == "__main__" else __name__
+
 
 if __name__ == "__main__":
-    # Running this file as a script must not import it a second time when the
-    # user's module says ``from castor import Manager``.
-    sys.modules.setdefault("castor", sys.modules["__main__"])
+    # Running this file (python -m castor, python -m pkg.vendor.castor) must not
+    # import it a second time when the user's module imports it by that name.
+    sys.modules.setdefault(_own_name(), sys.modules["__main__"])
 
 
 # Logger and constants #########################################################
@@ -76,11 +85,11 @@ logger.addHandler(logging.NullHandler())
 #: Statuses a task can be in; the last three are final.
 STATUSES = ("pending", "running", "success", "failed", "cancelled")
 
-#: Statuses after which a task never changes again.
+#: Statuses after which a task changes only when someone re-drives it.
 FINISHED = frozenset(("success", "failed", "cancelled"))
 
 #: Execution modes a task must choose between.
-MODES = ("thread", "process")
+MODES = ("thread", "process", "async")
 
 #: The beaver dict that holds the task documents.
 DICT_NAME = "castor_tasks"
@@ -100,6 +109,9 @@ MAX_LOSSES = 3
 #: The longest delay, timeout or period castor accepts (about 31 years).
 MAX_SECONDS = 1e9
 
+#: The default largest task document (arguments) or result, in bytes of JSON.
+MAX_PAYLOAD = 16 * 1024 * 1024
+
 #: While a backlog drains, how long a worker waits for more running tasks to
 #: finish so that one commit records them all (group commit).
 GROUP_COMMIT_WINDOW = 0.001
@@ -107,14 +119,33 @@ GROUP_COMMIT_WINDOW = 0.001
 #: The CLI writes its log lines at most this many seconds after the event.
 LOG_FLUSH_INTERVAL = 0.05
 
-#: Where inotify is missing, how often an idle worker looks for new work.
+#: Where the store offers nothing to sleep on, how often an idle worker looks.
 IDLE_POLL = 0.002
 
 #: SQLite busy timeout: a file write-locked by someone else is waited for.
 BUSY_TIMEOUT = 60.0
 
+#: How long the CLI keeps retrying to import the app while a brand-new
+#: database file is "locked" by another process switching it to WAL.
+OPEN_RETRY_TIMEOUT = 30.0
+
 #: Seconds a new process-pool child may take to import the user's modules.
 CHILD_START_TIMEOUT = 120.0
+
+#: Progress reports are written to the store at most this often per task.
+PROGRESS_INTERVAL = 0.5
+
+#: A running task's cancel request is looked for this often.
+CANCEL_CHECK_INTERVAL = 0.5
+
+#: Default number of ``mode="async"`` tasks a worker runs at once.
+ASYNC_TASKS = 100
+
+#: An event loop that has not run a callback for this long is blocked.
+LOOP_BLOCKED_AFTER = 1.0
+
+#: After a store error, the worker waits this long, doubling up to the second.
+STORE_BACKOFF = (0.25, 5.0)
 
 
 # Exceptions ###################################################################
@@ -133,8 +164,24 @@ class TaskError(CastorError):
         self.traceback = traceback
 
 
+class Cancelled(TaskError):
+    """The task was cancelled (``join`` raises it; so does ``check_cancelled``)."""
+
+
 class NotJSONError(CastorError, TypeError):
     """An argument or result is not JSON."""
+
+
+class PayloadTooLarge(CastorError, ValueError):
+    """Arguments or a result larger than the manager's ``max_payload``."""
+
+
+class StoreError(CastorError):
+    """The store cannot be used: a full disk, a lost server, a file gone."""
+
+
+class _StoreGone(StoreError):
+    """The store's file was deleted or replaced: a worker must exit."""
 
 
 class UnknownTaskError(CastorError, KeyError):
@@ -148,38 +195,48 @@ class _UsageError(CastorError):
     """A command-line mistake: reported in one line, exit status 2."""
 
 
+class _OpenFailed(CastorError):
+    """The app's database stayed locked while the CLI tried to open it."""
+
+
 # Public API: Manager ##########################################################
 
 
 class Manager:
-    """Holds the beaver-db file and the registry of tasks.
+    """Holds the store and the registry of tasks.
 
-    ``Manager(db, immediate=True)`` runs tasks inline at ``.delay()``, for
-    testing an application without a worker.
+    ``Manager(BeaverDB("tasks.db"))`` keeps everything in that file;
+    ``Manager("postgresql://user@host/db")`` in PostgreSQL, for workers on
+    several hosts. ``Manager(db, immediate=True)`` runs tasks inline at
+    ``.delay()``, for testing an application without a worker.
     """
 
-    def __init__(self, db, *, immediate=False):
+    #: Lets the CLI of another copy of castor recognise a Manager of this one.
+    _castor_manager = True
+
+    def __init__(self, db, *, immediate=False, max_payload=MAX_PAYLOAD):
         self.db = db
         self.immediate = bool(immediate)
-        self.path = _db_path(db)
-        self._store = _Store(self.path)
+        self.max_payload = _int(max_payload, "max_payload")
+        if self.max_payload < 1:
+            raise ValueError(f"max_payload must be 1 byte or more, not {max_payload}")
+        self._store = _open_store(db)
+        self.path = self._store.name  # what logs and screens show; never a password
         self._tasks = {}
 
     def __repr__(self):
         return f"<castor.Manager {self.path!r} tasks={len(self._tasks)}>"
 
-    def task(self, mode, *, daemon=False, retries=0, retry_delay=1.0,
-             timeout=None, priority=0, every=None):
+    def task(self, mode, *, daemon=False, retries=0, retry_delay=1.0, timeout=None,
+             priority=0, every=None, cron=None, tz=None, unique=False, concurrency=None):
         """Decorator: register a function as a background task."""
-        options = _task_options(mode, daemon, retries, retry_delay, timeout,
-                                priority, every)
+        options = _task_options(mode, daemon=daemon, retries=retries,
+                                retry_delay=retry_delay, timeout=timeout, priority=priority,
+                                every=every, cron=cron, tz=tz, unique=unique,
+                                concurrency=concurrency)
 
         def decorator(func):
-            if not callable(func):
-                raise TypeError(f"@manager.task decorates functions, not {func!r}")
             task = Task(self, func, **options)
-            if task.every is not None:
-                _check_no_arguments(func)
             self._tasks[task.name] = task
             return task
         return decorator
@@ -188,14 +245,14 @@ class Manager:
         """The handle of an existing task, or None for an unknown id."""
         if not isinstance(task_id, str):
             return None
-        doc = self._store.get_doc(task_id)
-        return None if doc is None else TaskHandle(self, task_id, doc["task_name"])
+        doc = self._store.get(task_id)
+        return None if doc is None else TaskHandle(self, task_id, doc.get("task_name"))
 
-    def tasks(self, status=None, limit=50):
-        """Task documents, newest first, optionally of one status."""
+    def tasks(self, status=None, limit=50, *, name=None, offset=0):
+        """Task documents, newest first, optionally of one status and task name."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
-        return self._store.list_docs(status, int(limit))
+        return self._store.list(status, name, _int(limit, "limit"), _int(offset, "offset"))
 
     def counts(self):
         """``{"pending": n, "running": n, "success": n, ...}`` without a scan."""
@@ -205,6 +262,28 @@ class Manager:
         """Delete finished tasks older than ``older_than`` seconds; return how many."""
         seconds = _seconds(older_than, "older_than")
         return self._store.prune(time.time() - seconds)
+
+    def requeue(self, status="failed", name=None):
+        """Re-drive every ``failed`` (or ``cancelled``) task, of one name if
+        given, in one transaction; return how many went back to pending."""
+        if status not in ("failed", "cancelled"):
+            raise ValueError(f"requeue takes status 'failed' or 'cancelled', not {status!r}")
+        return self._store.requeue(None, status, name, time.time())
+
+    def workers(self):
+        """The live workers: id, host, pid, started, heartbeat, pools."""
+        return self._store.workers()
+
+    def periodic(self):
+        """The periodic and cron tasks of this registry, with their next run."""
+        due = self._store.periodic()
+        return [{"name": task.name, "schedule": task.schedule_text(),
+                 "next_run": _iso(due[task.name]) if task.name in due else None}
+                for task in self._tasks.values() if task.periodic]
+
+    def wsgi_app(self, *, auth=None):
+        """The web view as a WSGI application (see ``castor web``)."""
+        return _WebApp(self, auth=auth)
 
     @property
     def registry(self):
@@ -218,29 +297,38 @@ class Manager:
 class Task:
     """A registered function. Call it to run it here; ``.delay()`` to queue it."""
 
-    def __init__(self, manager, func, *, mode, daemon=False, retries=0,
-                 retry_delay=1.0, timeout=None, priority=0, every=None):
+    def __init__(self, manager, func, *, mode, daemon=False, retries=0, retry_delay=1.0,
+                 timeout=None, priority=0, every=None, cron=None, unique=False,
+                 concurrency=None):
+        _check_function(func, mode, periodic=every is not None or cron is not None)
         functools.update_wrapper(self, func)
-        self.manager = manager
-        self.func = func
+        self.manager, self.func = manager, func
         self.name = _task_name(func)
-        self.mode = mode
-        self.daemon = daemon
-        self.retries = retries
-        self.retry_delay = retry_delay
-        self.timeout = timeout
-        self.priority = priority
-        self.every = every
+        self.mode, self.daemon = mode, daemon
+        self.retries, self.retry_delay = retries, retry_delay
+        self.timeout, self.priority = timeout, priority
+        self.every, self.cron = every, cron
+        self.unique, self.concurrency = unique, concurrency
 
     def __repr__(self):
         return f"<castor.Task {self.name} mode={self.mode}>"
 
     def __call__(self, *args, **kwargs):
-        return self.func(*args, **kwargs)
+        return self.func(*args, **kwargs)  # an async def gives its coroutine
 
     def __get__(self, obj, objtype=None):
         # Tasks are plain functions; they never bind to an instance.
         return self
+
+    @property
+    def periodic(self):
+        return self.every is not None or self.cron is not None
+
+    def schedule_text(self):
+        """``every 300s`` or ``cron 0 9 * * mon-fri (Europe/Paris)``; None if not periodic."""
+        if self.every is not None:
+            return f"every {self.every:g}s"
+        return None if self.cron is None else f"cron {self.cron}"
 
     def delay(self, *args, **kwargs):
         """Queue the task to run now. Returns a TaskHandle."""
@@ -251,11 +339,10 @@ class Task:
         now = time.time()
         eta = _eta(now, delay, at)
         prio = self.priority if priority is None else _int(priority, "priority")
-        doc = self._document(tuple(args), dict(kwargs or {}), now, eta, prio)
+        new = self._new(tuple(args), dict(kwargs or {}), now, eta, prio)
         if self.manager.immediate:
-            return self._run_inline(doc)
-        self.manager._store.enqueue([doc])
-        return TaskHandle(self.manager, doc["id"], self.name)
+            return self._run_inline(new.doc)
+        return self._handles([new])[0]
 
     def map(self, iterable):
         """Queue one task per item, all in one transaction."""
@@ -263,36 +350,63 @@ class Task:
             return [self.schedule(_as_args(item)) for item in iterable]
         now = time.time()
         stamp = _iso(now)
-        docs = [self._document(_as_args(item), {}, now, now, self.priority, stamp)
-                for item in iterable]
-        self.manager._store.enqueue(docs)
-        return [TaskHandle(self.manager, doc["id"], self.name) for doc in docs]
+        return self._handles([self._new(_as_args(item), {}, now, now, self.priority, stamp)
+                              for item in iterable])
 
-    def _document(self, args, kwargs, now, eta, priority, stamp=None):
-        """A new task document; the store checks it is JSON as it writes it."""
-        return {
+    def _handles(self, new):
+        ids = self.manager._store.enqueue(new)
+        return [TaskHandle(self.manager, task_id, self.name) for task_id in ids]
+
+    def _new(self, args, kwargs, now, eta, priority, stamp=None):
+        """A new task, its document checked (JSON, size) and serialized."""
+        doc = {
             "id": _new_id(), "task_name": self.name, "status": "pending",
             "args": list(args), "kwargs": kwargs,
             "enqueued_at": stamp or _iso(now), "started_at": None, "finished_at": None,
             "result": None, "error": None, "exception": None,
             "mode": self.mode, "priority": priority,
-            "eta": _iso(eta) if eta > now else None, "eta_ts": eta,
+            "eta": _iso(eta) if eta > now else None,
             "attempts": 0, "retries": self.retries, "losses": 0, "worker": None,
+            "progress": None,
         }
+        raw = _to_json(doc, f"the arguments of {self.name}")
+        if len(raw) > self.manager.max_payload:
+            size = len(_dumps([doc["args"], kwargs]))
+            raise PayloadTooLarge(f"the arguments of {self.name} are {size:,} bytes of JSON, "
+                                  f"over the limit of {self.manager.max_payload:,} "
+                                  "(Manager(max_payload=...))")
+        return _NewTask(doc, raw, eta, self._unique_key(args, kwargs))
+
+    def _unique_key(self, args, kwargs):
+        """The key that makes a pending or running task "the same", or None."""
+        if self.unique is False:
+            return None
+        key = self.unique(*args, **kwargs) if callable(self.unique) else [args, kwargs]
+        import hashlib
+        text = _to_json([self.name, key], f"the unique key of {self.name}")
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def _run_inline(self, doc):
         """Immediate mode: run now, retries included, and store the outcome."""
         # The function sees JSON, as in a worker, and refuses what a worker would.
-        doc = json.loads(_to_json(doc, f"the arguments of {self.name}"))
+        doc = json.loads(_dumps(doc))
         for attempt in range(1, self.retries + 2):
-            started = time.time()
-            reply = _execute(self, doc["args"], doc["kwargs"])
-            doc.update(attempts=attempt, started_at=_iso(started))
-            if reply["ok"]:
+            doc.update(attempts=attempt, started_at=_iso(time.time()))
+            reply = _run_inline_attempt(self, doc)
+            if reply["ok"] or reply.get("cancelled"):
                 break
-        _apply_reply(doc, reply, time.time())
+        _finish_doc(doc, reply, time.time())
         self.manager._store.put_finished(doc)
         return TaskHandle(self.manager, doc["id"], self.name)
+
+
+class _NewTask:
+    """A task on its way into the store."""
+
+    __slots__ = ("doc", "raw", "eta", "unique_key")
+
+    def __init__(self, doc, raw, eta, unique_key):
+        self.doc, self.raw, self.eta, self.unique_key = doc, raw, eta, unique_key
 
 
 # Public API: TaskHandle #######################################################
@@ -309,9 +423,7 @@ class TaskHandle:
         self.name = name
 
     def __repr__(self):
-        doc = self.manager._store.get_doc(self.id)
-        status = doc["status"] if doc else "unknown"
-        return f"<TaskHandle {self.id[:8]} {self.name} {status}>"
+        return f"<TaskHandle {self.id} {self.name}>"
 
     def __eq__(self, other):
         return isinstance(other, TaskHandle) and other.id == self.id
@@ -330,81 +442,191 @@ class TaskHandle:
         """"pending", "running", "success", "failed" or "cancelled"."""
         return self._doc()["status"]
 
+    def progress(self):
+        """The task's last progress report, ``{"done", "total", "message", "at"}``, or None."""
+        return self._doc().get("progress")
+
     def cancel(self):
-        """Stop a pending task from ever running. False if it already started."""
+        """Stop the task: a pending one never runs, a running one is stopped.
+
+        True if it was pending or running, False if it had already finished.
+        """
         return self.manager._store.cancel(self.id, time.time())
+
+    def retry(self):
+        """Run a failed or cancelled task again; False if it has not finished
+        (or succeeded). Its previous error stays in the document's history."""
+        return self.manager._store.requeue([self.id], None, None, time.time()) == 1
 
     def join(self, timeout=None):
         """Wait for the result; raise TimeoutError or the task's exception."""
-        waiting = self._wait(timeout)
-        try:
-            while True:
-                time.sleep(next(waiting))
-        except StopIteration as done:
-            return _outcome(done.value)
+        waiter = _Waiter(self, timeout)
+        while (doc := waiter.finished()) is None:
+            time.sleep(waiter.pause())
+        return _result_of(doc)
 
     async def resolve(self, timeout=None):
         """``join`` for asyncio: waits without blocking the event loop."""
-        waiting = self._wait(timeout)
-        try:
-            while True:
-                await asyncio.sleep(next(waiting))
-        except StopIteration as done:
-            return _outcome(done.value)
+        import asyncio
+        waiter = _Waiter(self, timeout)
+        while (doc := waiter.finished()) is None:
+            await asyncio.sleep(waiter.pause())
+        return _result_of(doc)
 
     def _doc(self):
-        doc = self.manager._store.get_doc(self.id)
+        doc = self.manager._store.get(self.id)
         if doc is None:
             raise UnknownTaskError(f"no task {self.id!r} in the store (pruned?)")
         return doc
 
-    def _wait(self, timeout):
-        """Yield sleep lengths until the task finishes; return its document.
 
-        The store's data version changes only when another connection
-        commits, so most polls cost one pragma and no document read.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        store, seen, pause = self.manager._store, None, 0.0005
-        while True:
-            version = store.data_version()
-            if version != seen:
-                seen, doc = version, self._doc()
-                if doc["status"] in FINISHED:
-                    return doc
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
-            pause = min(pause * 1.2, 0.02)
-            yield pause if left is None else min(pause, left)
+class _Waiter:
+    """Polls a task until it finishes, cheaply: the store's version changes
+    only when someone commits, so most polls read no document."""
+
+    def __init__(self, handle, timeout):
+        self.handle, self.timeout = handle, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.seen, self.step = None, 0.0005
+
+    def finished(self):
+        """The finished document, or None; TimeoutError past the deadline."""
+        version = self.handle.manager._store.version()
+        if version is None or version != self.seen:
+            self.seen, doc = version, self.handle._doc()
+            if doc["status"] in FINISHED:
+                return doc
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError(f"task {self.handle.id} did not finish within {self.timeout}s")
+        return None
+
+    def pause(self):
+        self.step = min(self.step * 1.2, 0.02)
+        if self.deadline is None:
+            return self.step
+        return max(0.0, min(self.step, self.deadline - time.monotonic()))
+
+
+# Public API: inside a task ####################################################
+
+_CURRENT = contextvars.ContextVar("castor_current_task", default=None)
+
+
+def current_task():
+    """The running task's TaskContext inside a task; None anywhere else."""
+    return _CURRENT.get()
+
+
+class TaskContext:
+    """What a running task knows of itself: ``castor.current_task()``."""
+
+    __slots__ = ("id", "name", "attempt", "_progress", "_dirty", "_cancel", "_report")
+
+    def __init__(self, task_id, name, attempt, report=None):
+        self.id, self.name, self.attempt = task_id, name, attempt
+        self._progress, self._dirty = None, False
+        self._cancel = threading.Event()
+        self._report = report  # process children send progress to their worker
+
+    def __repr__(self):
+        return f"<castor.TaskContext {self.id} {self.name} attempt={self.attempt}>"
+
+    def progress(self, done, total=None, message=""):
+        """Report how far the task got; cheap enough for a tight loop."""
+        for value, what in ((done, "done"), (total, "total")):
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not math.isfinite(value)):
+                raise TypeError(f"progress {what} must be a number, not {value!r}")
+        self._progress = {"done": done, "total": total, "message": str(message)[:1000],
+                          "at": _iso(time.time())}
+        self._dirty = True
+        if self._report is not None:
+            self._report(self)
+
+    @property
+    def cancelled(self):
+        """True once someone asked for this task to stop."""
+        return self._cancel.is_set()
+
+    def check_cancelled(self):
+        """Raise ``castor.Cancelled`` if someone asked for this task to stop."""
+        if self._cancel.is_set():
+            raise Cancelled(f"task {self.id} was cancelled", "castor.Cancelled")
+
+    def _take_progress(self):
+        """The latest report if it changed since the last take, else None."""
+        if not self._dirty:
+            return None
+        self._dirty = False
+        return self._progress
 
 
 # Helpers of the public API ####################################################
 
 
-def _task_options(mode, daemon, retries, retry_delay, timeout, priority, every):
+def _task_options(mode, *, daemon, retries, retry_delay, timeout, priority, every, cron,
+                  tz, unique, concurrency):
     """Check decorator arguments when the decorator is applied."""
     if callable(mode):
         raise TypeError("@manager.task needs a mode: @manager.task(mode='thread')")
     if mode not in MODES:
-        raise ValueError(f"mode must be 'thread' or 'process', not {mode!r}")
+        raise ValueError(f"mode must be 'thread', 'process' or 'async', not {mode!r}")
     if not isinstance(daemon, bool):
         raise TypeError(f"daemon must be True or False, not {daemon!r}")
-    retries = _int(retries, "retries")
-    if retries < 0:
-        raise ValueError(f"retries must be 0 or more, not {retries}")
+    if not (isinstance(unique, bool) or callable(unique)):
+        raise TypeError(f"unique must be True, False or a function of the arguments, "
+                        f"not {unique!r}")
     return dict(
-        mode=mode, daemon=daemon, retries=retries,
+        mode=mode, daemon=daemon, retries=_at_least(retries, 0, "retries"),
         retry_delay=_seconds(retry_delay, "retry_delay"),
         timeout=None if timeout is None else _positive(timeout, "timeout"),
         priority=_int(priority, "priority"),
         every=None if every is None else _positive(every, "every"),
+        cron=_cron_option(cron, tz, every), unique=unique,
+        concurrency=None if concurrency is None else _at_least(concurrency, 1, "concurrency"),
     )
+
+
+def _cron_option(cron, tz, every):
+    if cron is None:
+        if tz is not None:
+            raise TypeError("tz= goes with cron=; give a cron expression too")
+        return None
+    if every is not None:
+        raise TypeError("give every= or cron=, not both")
+    if not isinstance(cron, str):
+        raise TypeError(f"cron must be a string like '0 9 * * mon-fri', not {cron!r}")
+    return _Cron(cron, "UTC" if tz is None else tz)
+
+
+def _check_function(func, mode, periodic):
+    """What only the function itself can tell: async or not, its arguments."""
+    import inspect
+    if not callable(func):
+        raise TypeError(f"@manager.task decorates functions, not {func!r}")
+    is_async = inspect.iscoroutinefunction(func)
+    if is_async and mode != "async":
+        raise TypeError(f"{func.__qualname__} is an async def: use @manager.task(mode='async')")
+    if mode == "async" and not is_async:
+        raise TypeError(f"mode='async' takes an async def, and {func.__qualname__} is a plain "
+                        "function: use mode='thread' or mode='process'")
+    if periodic:
+        try:
+            inspect.signature(func).bind()
+        except TypeError:
+            raise ValueError(f"a periodic task ({func.__qualname__}) must take no "
+                             "arguments") from None
 
 
 def _int(value, what):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {value!r}")
+    return value
+
+
+def _at_least(value, low, what):
+    if _int(value, what) < low:
+        raise ValueError(f"{what} must be {low} or more, not {value}")
     return value
 
 
@@ -426,13 +648,6 @@ def _positive(value, what):
     return seconds
 
 
-def _check_no_arguments(func):
-    try:
-        inspect.signature(func).bind()
-    except TypeError:
-        raise ValueError(f"a periodic task ({func.__qualname__}) must take no arguments") from None
-
-
 def _eta(now, delay, at):
     if delay is not None and at is not None:
         raise TypeError("give delay or at, not both")
@@ -450,10 +665,10 @@ def _as_args(item):
 
 def _task_name(func):
     """``module.qualname``; a script's tasks are named after its file."""
-    module = func.__module__
+    module = getattr(func, "__module__", None) or "__main__"
     if module == "__main__":
         module = _main_module_name() or module
-    return f"{module}.{func.__qualname__}"
+    return f"{module}.{getattr(func, '__qualname__', type(func).__name__)}"
 
 
 def _main_module_name():
@@ -466,12 +681,20 @@ def _main_module_name():
     return os.path.splitext(os.path.basename(path))[0] if path else None
 
 
+def _open_store(db):
+    """The store behind what the user gave Manager."""
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        return _PostgresStore(db)
+    return _SqliteStore(_db_path(db))
+
+
 def _db_path(db):
     """The file behind a BeaverDB or AsyncBeaverDB (castor opens it directly)."""
     engine = getattr(db, "_async_db", db)
     path = getattr(engine, "_db_path", None)
     if not isinstance(path, str):
-        raise TypeError(f"Manager needs a local beaver.BeaverDB, not {db!r}")
+        raise TypeError(f"Manager needs a local beaver.BeaverDB or a 'postgresql://' "
+                        f"connection string, not {db!r}")
     if path == ":memory:" or path.startswith("file::memory:"):
         raise CastorError("castor needs a database file: an in-memory database "
                           "cannot be shared with a worker")
@@ -479,15 +702,9 @@ def _db_path(db):
     return os.path.realpath(path)
 
 
-def _dumps(value):
-    """JSON of a value castor built itself (already known to be JSON)."""
-    return _ENCODER.encode(value)
-
-
 def _new_id():
-    """A random (version 4) UUID string, faster than str(uuid.uuid4())."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    import uuid
+    return str(uuid.uuid4())
 
 
 def _refuse(obj):
@@ -496,6 +713,11 @@ def _refuse(obj):
 
 #: One encoder for all: json.dumps() with options builds a new one each call.
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_refuse)
+
+
+def _dumps(value):
+    """JSON of a value castor built itself (already known to be JSON)."""
+    return _ENCODER.encode(value)
 
 
 def _to_json(value, where):
@@ -507,6 +729,8 @@ def _to_json(value, where):
                            "None, list or dict") from None
     except (TypeError, ValueError) as exc:  # NaN, infinity, bad keys, cycles
         raise NotJSONError(f"{where} are not JSON: {exc}") from None
+    except RecursionError:
+        raise NotJSONError(f"{where} are nested too deeply to be JSON") from None
 
 
 def _iso(ts):
@@ -526,14 +750,80 @@ def _parse_iso(text):
         tzinfo=datetime.timezone.utc).timestamp()
 
 
-def _execute(task, args, kwargs):
-    """Run a task function; its failure becomes data (a reply dict)."""
+# Running a task ###############################################################
+#
+# Whatever the mode, a run ends as a reply: {"ok": True, "result": ...} or
+# {"ok": False, "error": {...}, "cancelled": bool}. A task's failure becomes
+# data here and turns back into its exception in join() (see _rebuild).
+
+
+def _execute(task, args, kwargs, ctx, limit):
+    """Run a plain task function in this thread."""
+    token = _CURRENT.set(ctx)
     try:
-        result = task.func(*args, **kwargs)
-        _to_json(result, f"the result of {task.name}")
-        return {"ok": True, "result": result}
+        return _success(task, task.func(*args, **kwargs), limit)
     except BaseException as exc:  # a task's SystemExit is its failure, not ours
-        return {"ok": False, "error": _error_data(exc)}
+        return _failure(exc)
+    finally:
+        _CURRENT.reset(token)
+
+
+async def _execute_async(task, args, kwargs, ctx, limit):
+    """Run an async task on the running loop (a task of its own, with its own
+    copy of the context, so current_task() is this one)."""
+    import asyncio
+    _CURRENT.set(ctx)
+    try:
+        timeout = asyncio.timeout(task.timeout)
+        try:
+            async with timeout:
+                result = await task.func(*args, **kwargs)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the task's own TimeoutError, not our deadline
+            raise TimeoutError(f"task exceeded its timeout of {task.timeout:g}s; "
+                               "its coroutine was cancelled") from None
+        return _success(task, result, limit)
+    except Exception as exc:
+        return _failure(exc)
+
+
+def _success(task, result, limit):
+    size = len(_to_json(result, f"the result of {task.name}"))
+    if size > limit:
+        raise PayloadTooLarge(f"the result of {task.name} is {size:,} bytes of JSON, over the "
+                              f"limit of {limit:,} (Manager(max_payload=...))")
+    return {"ok": True, "result": result}
+
+
+def _failure(exc):
+    return {"ok": False, "error": _error_data(exc), "cancelled": isinstance(exc, Cancelled)}
+
+
+def _run_inline_attempt(task, doc):
+    """One attempt in the caller's process (immediate mode)."""
+    ctx = TaskContext(doc["id"], task.name, doc["attempts"])
+    limit = task.manager.max_payload
+    if task.mode != "async":
+        return _execute(task, doc["args"], doc["kwargs"], ctx, limit)
+    return _run_coroutine(lambda: _execute_async(task, doc["args"], doc["kwargs"], ctx, limit))
+
+
+def _run_coroutine(make):
+    """Run a coroutine to its end from synchronous code. Inside a running
+    event loop (a FastAPI handler) it runs on a loop of its own in another
+    thread, and the caller waits: blocking its loop, but never deadlocking."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box = []
+    helper = threading.Thread(target=lambda: box.append(asyncio.run(make())),
+                              name="castor-immediate")
+    helper.start()
+    helper.join()
+    return box[0]
 
 
 def _error_data(exc, tb=None):
@@ -561,29 +851,36 @@ def _format_traceback(exc, message):
         return f"{type(exc).__qualname__}: {message}\n"
 
 
-def _castor_error(message):
+def _verdict(message, kind="TaskError"):
     """Error data for a failure castor itself detects (lost, terminated...)."""
-    return {"module": "castor", "qualname": "TaskError", "message": message,
-            "args": [message], "traceback": f"castor.TaskError: {message}\n"}
+    return {"module": "castor", "qualname": kind, "message": message,
+            "args": [message], "traceback": f"castor.{kind}: {message}\n"}
 
 
-def _apply_reply(doc, reply, now):
+def _failed(message):
+    """A reply for a run that castor itself ended."""
+    return {"ok": False, "error": _verdict(message)}
+
+
+def _finish_doc(doc, reply, now):
     """Write a finished run's outcome into its task document."""
     doc["finished_at"] = _iso(now)
     if reply["ok"]:
         doc.update(status="success", result=reply["result"], error=None, exception=None)
     else:
         err = reply["error"]
-        doc.update(status="failed", result=None, error=err["traceback"], exception=err)
+        doc.update(status="cancelled" if reply.get("cancelled") else "failed", result=None,
+                   error=err["traceback"], exception=err)
 
 
-def _outcome(doc):
+def _result_of(doc):
     """The result of a finished task document, or its exception raised."""
     if doc["status"] == "success":
         return doc["result"]
     if doc["status"] == "cancelled":
-        raise TaskError(f"task {doc['id']} was cancelled", "castor.Cancelled")
-    raise _rebuild(doc.get("exception") or _castor_error(str(doc.get("error"))))
+        raise Cancelled(f"task {doc['id']} was cancelled", "castor.Cancelled",
+                        (doc.get("exception") or {}).get("traceback"))
+    raise _rebuild(doc.get("exception") or _verdict(str(doc.get("error"))))
 
 
 def _rebuild(err):
@@ -596,8 +893,8 @@ def _rebuild(err):
     note = f"Traceback from the castor worker:\n{err.get('traceback', '')}"
     cls = _find_class(err.get("module"), err.get("qualname"))
     exc = None
-    if cls is TaskError:  # castor's own verdicts: lost worker, unknown task...
-        exc = TaskError(err.get("message"), type_name, err.get("traceback"))
+    if cls is not None and issubclass(cls, TaskError):  # castor's own verdicts
+        exc = cls(err.get("message"), type_name, err.get("traceback"))
     elif cls is not None and issubclass(cls, Exception):
         with contextlib.suppress(Exception):
             exc = cls(*(err.get("args") if err.get("args") is not None else [err.get("message")]))
@@ -608,6 +905,7 @@ def _rebuild(err):
 
 
 def _find_class(module_name, qualname):
+    import builtins
     if module_name == "builtins":
         module = builtins
     elif module_name == "castor":
@@ -622,7 +920,442 @@ def _find_class(module_name, qualname):
     return obj if isinstance(obj, type) else None
 
 
+# Cron #########################################################################
+
+#: The five fields of a cron expression: name, lowest, highest value, the names
+#: the field accepts and how to describe them. Day-of-week 7 is Sunday too.
+_CRON_FIELDS = (
+    ("minute", 0, 59, {}, ""),
+    ("hour", 0, 23, {}, ""),
+    ("day-of-month", 1, 31, {}, ""),
+    ("month", 1, 12, {name: number for number, name in enumerate(
+        "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)},
+     " or a month name (jan-dec)"),
+    ("day-of-week", 0, 7, {name: number for number, name in enumerate(
+        "sun mon tue wed thu fri sat".split())},
+     " or a day name (sun-sat)"),
+)
+
+#: The ``@`` shorthands and the expressions they stand for.
+_CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+#: The longest day of each month, in a leap year.
+_CRON_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+#: How many years ahead ``next_after`` looks. A 29 February that must also be
+#: a Sunday (``0 0 29 2 */7``) can be 40 years away; most slots are much closer.
+_CRON_HORIZON_YEARS = 41
+
+
+class _CronSyntax(ValueError):
+    """One bad item of a field: ``args`` are the item and what is wrong with it."""
+
+
+class _Cron:
+    """A five-field cron expression in a time zone: ``_Cron("0 9 * * mon-fri",
+    tz="Europe/Paris")``.
+
+    Slots are wall-clock minutes in the zone; ``next_after(ts)`` turns them
+    into UTC POSIX times. A slot the clock skips (spring forward) fires once,
+    at the end of the gap: 02:30 fires at the 03:00 that follows 01:59. A slot
+    the clock shows twice (fall back) fires once, at its first occurrence; the
+    repeated wall-clock time is never replayed. Day-of-month and day-of-week
+    combine as in Vixie cron: when both are restricted (neither starts with
+    ``*``) a day matches either one, otherwise it must match both.
+    """
+
+    def __init__(self, expression, tz="UTC"):
+        if not isinstance(expression, str):
+            raise TypeError(f"cron expression must be a str, not {expression!r}")
+        self.expression = expression.strip()
+        self._zone = _cron_zone(tz)
+        self.tz = getattr(self._zone, "key", None) or str(self._zone)
+        fields = _cron_fields(self.expression)
+        (self.minutes, self.hours, self.days, self.months,
+         self.weekdays) = (_cron_field(self.expression, spec, text)
+                           for spec, text in zip(_CRON_FIELDS, fields))
+        # Vixie cron looks at the first character, not at the values: "*/2"
+        # counts as unrestricted even though it leaves days out.
+        self._either_day = not (fields[2].startswith("*") or fields[4].startswith("*"))
+        if not self._possible():
+            raise ValueError(f"bad cron expression {self.expression!r}: it never"
+                             " fires (no month in the month field has such a day)")
+
+    def __repr__(self):
+        return f"<castor._Cron {self.expression!r} tz={self.tz!r}>"
+
+    def __str__(self):
+        return f"{self.expression} ({self.tz})"
+
+    def next_after(self, ts):
+        """The first slot strictly after the UTC POSIX time ``ts``, as one."""
+        local = datetime.datetime.fromtimestamp(ts, self._zone)
+        # During a repeated hour the wall clock reads earlier than slots that
+        # already fired; their instants are <= ts, so the check skips them.
+        start = local.replace(tzinfo=None, second=0, microsecond=0, fold=0)
+        for wall in self._walls_from(start):
+            at = self._instant(wall)
+            if at > ts:
+                return at
+        raise ValueError(f"cron expression {self.expression!r} has no slot in the"
+                         f" {_CRON_HORIZON_YEARS} years after {ts!r}")
+
+    def _possible(self):
+        """Whether some date matches; only the day-of-month can rule out all."""
+        if self._either_day:
+            return True  # every month has every weekday
+        # With "*" in day-of-week every date matches on some year's Sunday.
+        return any(day <= _CRON_MONTH_DAYS[month - 1]
+                   for month in self.months for day in self.days)
+
+    def _day_matches(self, day):
+        """Whether the date ``day`` (its month already matching) has slots."""
+        by_date = day.day in self.days
+        by_weekday = day.isoweekday() % 7 in self.weekdays
+        if self._either_day:
+            return by_date or by_weekday
+        return by_date and by_weekday
+
+    def _days_from(self, day):
+        """The matching dates from ``day`` on, in order, within the horizon."""
+        limit = min(day.year + _CRON_HORIZON_YEARS, datetime.MAXYEAR)
+        while day.year < limit:
+            if day.month not in self.months:
+                # Jump to the 1st of next month: a whole month of days at once.
+                day = datetime.date(day.year + day.month // 12, day.month % 12 + 1, 1)
+                continue
+            if self._day_matches(day):
+                yield day
+            day += datetime.timedelta(days=1)
+
+    def _walls_from(self, start):
+        """The slots from the naive wall-clock minute ``start`` on, in order."""
+        for day in self._days_from(start.date()):
+            first = day == start.date()
+            for hour in self.hours:
+                if first and hour < start.hour:
+                    continue
+                same_hour = first and hour == start.hour
+                for minute in self.minutes:
+                    if not (same_hour and minute < start.minute):
+                        yield datetime.datetime(day.year, day.month, day.day, hour, minute)
+
+    def _instant(self, wall):
+        """The POSIX time at which the naive wall-clock minute ``wall`` fires."""
+        # fold=0 is the first occurrence of a time the clock shows twice.
+        at = wall.replace(tzinfo=self._zone).timestamp()
+        if self._wall(at) == wall:
+            return at
+        return self._gap_end(wall)
+
+    def _gap_end(self, wall):
+        """The first instant whose wall clock reads ``wall`` or later.
+
+        ``wall`` falls in a gap; its two folds map on either side of the jump,
+        and a bisection on whole seconds finds the jump itself.
+        """
+        times = (wall.replace(tzinfo=self._zone, fold=fold).timestamp()
+                 for fold in (0, 1))
+        low, high = sorted(times)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._wall(middle) >= wall:
+                high = middle
+            else:
+                low = middle
+        return float(high)
+
+    def _wall(self, ts):
+        """The naive wall-clock time of the POSIX time ``ts`` in the zone."""
+        return datetime.datetime.fromtimestamp(ts, self._zone).replace(tzinfo=None)
+
+
+def _cron_zone(tz):
+    """The tzinfo for ``tz``, a zone name or a tzinfo."""
+    if isinstance(tz, datetime.tzinfo):
+        return tz
+    if not isinstance(tz, str):
+        raise TypeError(f"tz must be a time zone name or a tzinfo, not {tz!r}")
+    if tz == "UTC":
+        return datetime.timezone.utc  # needs no tz database (Windows)
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # ValueError: a malformed key such as "../x"; OSError: a directory.
+        raise ValueError(f"unknown time zone {tz!r}") from None
+
+
+def _cron_fields(expression):
+    """The five field texts of ``expression``, macros expanded, lower case."""
+    text = expression.lower()
+    if text.startswith("@"):
+        if text not in _CRON_MACROS:
+            raise ValueError(
+                f"bad cron expression {expression!r}: unknown macro {expression!r}"
+                f" (use one of {', '.join(_CRON_MACROS)})")
+        text = _CRON_MACROS[text]
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"bad cron expression {expression!r}: expected 5 fields (minute hour"
+            f" day-of-month month day-of-week), got {len(fields)}")
+    return fields
+
+
+def _cron_field(expression, spec, text):
+    """The sorted values of one field; ValueError names the field and the item."""
+    name, low, high, names, hint = spec
+    try:
+        values = set()
+        for item in text.split(","):
+            if not item:
+                raise _CronSyntax(text, "has an empty item")
+            values.update(_cron_item(item, low, high, names, hint))
+    except _CronSyntax as error:
+        item, problem = error.args
+        where = f"{name} field {text!r}"
+        where += "" if item == text else f": {item!r}"
+        raise ValueError(f"bad cron expression {expression!r}: {where} {problem}") from None
+    if name == "day-of-week":
+        values = {value % 7 for value in values}  # 7 is Sunday, like 0
+    return tuple(sorted(values))
+
+
+def _cron_item(item, low, high, names, hint):
+    """The values of ``*``, ``n``, ``a-b``, each with an optional ``/step``."""
+    body, slash, step = item.partition("/")
+    step = _cron_step(item, step) if slash else 1
+    if body == "*":
+        first, last = low, high
+    elif "-" in body:
+        first, last = _cron_range(item, body, low, high, names, hint)
+    elif body:
+        first = _cron_value(body, low, high, names, hint)
+        last = high if slash else first  # "5/15" means "5-max/15"
+    else:
+        raise _CronSyntax(item, "has no value before '/'")
+    return range(first, last + 1, step)
+
+
+def _cron_step(item, text):
+    """The step after the ``/`` of ``item``: a positive integer."""
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise _CronSyntax(item, f"has a bad step {text!r}: a step must be a"
+                                " positive integer")
+    return int(text)
+
+
+def _cron_range(item, body, low, high, names, hint):
+    """The two ends of the range ``a-b``, checked to be in order."""
+    ends = body.split("-")
+    if len(ends) != 2 or not all(ends):
+        raise _CronSyntax(item, "is not a valid range (expected a-b)")
+    first = _cron_value(ends[0], low, high, names, hint)
+    last = _cron_value(ends[1], low, high, names, hint)
+    if ends[1] == "sun" and first > 0:
+        last = 7  # "fri-sun" reads as Friday to Sunday, not as a reversed range
+    if first > last:
+        raise _CronSyntax(item, f"is a reversed range ({first} > {last})")
+    return first, last
+
+
+def _cron_value(text, low, high, names, hint):
+    """The number ``text`` stands for: digits or a name, within the field."""
+    if text in names:
+        return names[text]
+    if not (text.isascii() and text.isdigit()):
+        raise _CronSyntax(text, f"is not a number{hint}")
+    value = int(text)
+    if not low <= value <= high:
+        raise _CronSyntax(text, f"is out of range {low}-{high}")
+    return value
+
+
 # Storage ######################################################################
+#
+# Both stores sit behind _Store: the operations castor needs, named by what
+# they do, with no SQL dialect showing. SQL lives only in the subclasses; the
+# decisions (when a retry is due, how many losses fail a task, what a
+# periodic slot means) are the worker's, in plain functions that take the
+# time (see "Worker: decisions"), and reach the store as values or as a
+# ``verdict`` function that rewrites a document.
+
+
+class _Store:
+    """The storage operations castor uses. Every method raises StoreError
+    when the store cannot be used (disk full, server gone)."""
+
+    #: What logs, screens and errors call this store: never a password.
+    name = "store"
+
+    # Application side ---------------------------------------------------------
+
+    def enqueue(self, new):
+        """Add _NewTasks in one transaction; their ids, in order. A unique
+        task already pending or running gives that task's id instead."""
+        raise NotImplementedError
+
+    def put_finished(self, doc):
+        """Store a task that already ran (immediate mode)."""
+        raise NotImplementedError
+
+    def get(self, task_id):
+        """A task document, or None."""
+        raise NotImplementedError
+
+    def list(self, status, name, limit, offset):
+        """Documents newest first, optionally of one status and task name."""
+        raise NotImplementedError
+
+    def counts(self):
+        """Tasks by status, from counters and small indexes: no scan."""
+        raise NotImplementedError
+
+    def prune(self, before):
+        """Delete tasks finished before ``before``; how many."""
+        raise NotImplementedError
+
+    def cancel(self, task_id, now):
+        """Cancel a pending task, or ask a running one to stop; False if finished."""
+        raise NotImplementedError
+
+    def requeue(self, ids, status, name, now):
+        """Failed or cancelled tasks back to pending (by id, or all of
+        ``status`` and ``name``), their history kept; how many."""
+        raise NotImplementedError
+
+    def version(self):
+        """A value that changes when someone else commits; None if unknown."""
+        raise NotImplementedError
+
+    # Worker side --------------------------------------------------------------
+
+    def exchange(self, worker_id, outcomes, progress, wants, limits, now):
+        """One transaction: record ``outcomes`` (_Outcome, fenced by lease)
+        and ``progress`` {id: report}, then claim up to ``wants`` {mode: n}
+        due tasks, at most ``limits`` {name: n} of a name running anywhere.
+        Returns an _Exchange."""
+        raise NotImplementedError
+
+    def cancel_requests(self, worker_id):
+        """Ids of this worker's running tasks that someone asked to stop."""
+        raise NotImplementedError
+
+    def register(self, worker_id, info, now):
+        raise NotImplementedError
+
+    def heartbeat(self, worker_id, now):
+        """Renew the worker's lease; False if others had taken it for dead."""
+        raise NotImplementedError
+
+    def deregister(self, worker_id):
+        raise NotImplementedError
+
+    def workers(self):
+        """Live workers as dicts: id, pid, host, started_at, heartbeat_at,
+        ``beat`` (the raw heartbeat) and ``age`` (seconds, by the store's clock)."""
+        raise NotImplementedError
+
+    def reap(self, dead, now, verdict):
+        """Drop ``dead`` workers {id: beat} whose beat is unchanged, and pass
+        their running tasks (and those of no live worker) through
+        ``verdict(doc, losses, cancelled, now)``; the documents written."""
+        raise NotImplementedError
+
+    def release(self, worker_id, now, verdict):
+        """A stopping worker's running tasks through ``verdict``, no loss counted."""
+        raise NotImplementedError
+
+    def periodic(self):
+        """{task name: next run} of the periodic tasks."""
+        raise NotImplementedError
+
+    def fire_periodic(self, name, expected, next_run, new):
+        """If the next run of ``name`` is still ``expected``, make it
+        ``next_run`` and enqueue ``new`` (if any), atomically: True if this
+        caller won. Of several workers, exactly one wins each slot."""
+        raise NotImplementedError
+
+    def watch(self):
+        """Something to select() on that wakes when others commit, or None."""
+        raise NotImplementedError
+
+    def check(self):
+        """Raise StoreError if the store went away under us."""
+
+    def close(self):
+        """Let go of connections and watches."""
+
+
+class _Outcome:
+    """How a run ended, ready for the store: a final document, or one going
+    back to pending until ``retry_at``. ``lease`` fences late results."""
+
+    __slots__ = ("doc", "raw", "retry_at", "lease", "note")
+
+    def __init__(self, doc, raw, retry_at, lease, note=None):
+        self.doc, self.raw, self.retry_at, self.lease = doc, raw, retry_at, lease
+        self.note = note  # the log line, written once the store holds the outcome
+
+
+class _Exchange:
+    """What an exchange did: outcomes recorded or refused (their lease was
+    lost), tasks claimed {mode: [(doc, lease)]}, and for each mode that came
+    back short, when its next scheduled task is due (None: none is)."""
+
+    __slots__ = ("recorded", "refused", "claimed", "idle")
+
+    def __init__(self):
+        self.recorded, self.refused, self.claimed, self.idle = [], [], {}, {}
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_doc(task_id, raw):
+    """A document as stored; garbage becomes a document that says so."""
+    try:
+        # NaN and Infinity (which beaver's json.dumps lets through) are garbage
+        # too: SQLite's and PostgreSQL's JSON refuse them.
+        doc = json.loads(raw, parse_constant=_no_constants) if isinstance(raw, str) else raw
+    except (TypeError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
+        return _corrupt_doc(task_id, raw)
+    return doc
+
+
+def _corrupt_doc(task_id, raw=None):
+    """A stand-in for a document that is missing or garbage, still ours to fail."""
+    return {"id": task_id, "task_name": None, "status": "pending", "args": None, "kwargs": None,
+            "corrupt": "the document is missing" if raw is None else str(raw)[:1000]}
+
+
+def _as_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _host_id():
+    """This machine, and its pid namespace: a pid means something only there."""
+    import socket
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+# Storage: the beaver file #####################################################
 #
 # The task documents live in beaver's own dict table, ``__beaver_dicts__``,
 # under dict_name ``castor_tasks``: ``db.dict("castor_tasks")[task_id]`` reads
@@ -631,26 +1364,25 @@ def _find_class(module_name, qualname):
 # three transactions) and its blocking reads poll every 100 ms.
 #
 # Next to the documents castor keeps its own tables in the same file:
-#   castor_jobs     one row per task, keyed by ``seq`` (queue order, also in
-#                   the document): status, mode, priority, eta, owner. Its
-#                   partial indexes cover pending and running rows apart from
-#                   finished ones, so enqueue and claim cost the same with 100k
-#                   finished tasks as with none.
+#   castor_jobs     one row per task (``seq`` is the queue order): status,
+#                   mode, priority, eta, owner and lease, unique key, cancel
+#                   request. Partial indexes cover pending and running rows
+#                   apart from finished ones, so enqueue and claim cost the
+#                   same with 100k finished tasks as with none.
 #   castor_workers  one row per live worker, with a heartbeat.
 #   castor_stats    counts of finished tasks by status, kept in step.
 #   castor_periodic when each periodic task is next due.
 #
 # Every state change updates castor_jobs and the document in one
 # ``BEGIN IMMEDIATE`` transaction: a claim marks the jobs running, names the
-# worker and rewrites the documents atomically (two statements for a batch),
-# so no task goes to two workers. A worker claims only as many tasks as it has
-# free slots, and records finished tasks in the same transaction as its next
-# claim (group commit).
+# worker, bumps the lease and rewrites the documents (two statements for a
+# batch), so no task goes to two workers. A worker claims only as many tasks
+# as it has free slots, and records finished tasks in the same transaction as
+# its next claim (group commit).
 #
 # Waiting: ``join`` polls ``PRAGMA data_version``, which changes only when
-# another connection commits (a few microseconds, and no document is read
-# unless something changed); an idle worker sleeps until the file changes
-# (see "Worker: waking up").
+# another connection commits; an idle worker sleeps on an inotify watch of the
+# file's directory (see "Worker: waking up").
 #
 # Reliance on beaver internals: the table ``__beaver_dicts__`` and its columns
 # (dict_name, key, value, expires_at) as beaver-db 2.x creates them. Pinned in
@@ -669,14 +1401,6 @@ CREATE TABLE IF NOT EXISTS castor_jobs (
     losses INTEGER NOT NULL DEFAULT 0,
     finished REAL
 );
-CREATE INDEX IF NOT EXISTS castor_jobs_ready
-    ON castor_jobs (mode, priority, seq) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS castor_jobs_eta
-    ON castor_jobs (mode, eta) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS castor_jobs_running
-    ON castor_jobs (worker) WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS castor_jobs_done
-    ON castor_jobs (status, seq) WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS castor_workers (
     id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -694,17 +1418,44 @@ CREATE TABLE IF NOT EXISTS castor_periodic (
 );
 """
 
+#: Columns added since castor 0.1, for files made by it: (table, column, type).
+_SCHEMA_ADDED = (
+    ("castor_jobs", "lease", "INTEGER NOT NULL DEFAULT 0"),
+    ("castor_jobs", "unique_key", "TEXT"),
+    ("castor_jobs", "cancel", "INTEGER NOT NULL DEFAULT 0"),
+    ("castor_workers", "info", "TEXT"),
+)
+
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS castor_jobs_id ON castor_jobs (id);
+CREATE INDEX IF NOT EXISTS castor_jobs_ready
+    ON castor_jobs (mode, priority, seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_jobs_eta
+    ON castor_jobs (mode, eta) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_jobs_running
+    ON castor_jobs (worker) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS castor_jobs_done
+    ON castor_jobs (status, seq) WHERE finished IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS castor_jobs_unique ON castor_jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('pending', 'running');
+"""
+
 _WHERE_DOC = f"WHERE dict_name = '{DICT_NAME}' AND key"
 _ADD_DOC = ("INSERT INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
             f"VALUES ('{DICT_NAME}', ?, ?, NULL)")
-_RESTORE_DOC = _ADD_DOC.replace("INSERT", "INSERT OR IGNORE", 1)
+_RESTORE_DOC = ("INSERT OR IGNORE INTO __beaver_dicts__ (dict_name, key, value, expires_at) "
+                f"VALUES ('{DICT_NAME}', ?, ?, NULL)")
 _SET_DOC = f"UPDATE __beaver_dicts__ SET value = ? {_WHERE_DOC} = ?"
 _GET_DOC = f"SELECT value FROM __beaver_dicts__ {_WHERE_DOC} = ?"
 _DEL_DOC = f"DELETE FROM __beaver_dicts__ {_WHERE_DOC} = ?"
-_ADD_JOB = ("INSERT INTO castor_jobs (seq, id, name, mode, status, priority, eta) "
-            "VALUES (?, ?, ?, ?, 'pending', ?, ?)")
+_ADD_JOB = ("INSERT INTO castor_jobs (id, name, mode, status, priority, eta, unique_key) "
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?)")
 _BUMP = ("INSERT INTO castor_stats (status, n) VALUES (?, ?) "
          "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n")
+_LIST_DOCS = ("SELECT j.id, d.value FROM castor_jobs j LEFT JOIN __beaver_dicts__ d "
+              f"ON d.dict_name = '{DICT_NAME}' AND d.key = j.id {{where}} "
+              "ORDER BY j.seq DESC LIMIT ? OFFSET ?")
+_PENDING_LOOK = "status = 'pending' AND mode = ? AND eta <= ?"
 
 #: A claim rewrites its documents inside SQLite: one statement for the batch.
 #: A document that is not a JSON object is left alone, to be failed as corrupt.
@@ -715,14 +1466,31 @@ _CLAIM_DOCS = (
     "coalesce(json_extract(value, '$.attempts'), 0) + 1) ELSE value END ELSE value END "
     f"{_WHERE_DOC} IN ({{marks}}) RETURNING key, value")
 
+#: Progress goes into the document of a task that is still running.
+_SET_PROGRESS = ("UPDATE __beaver_dicts__ SET value = json_set(value, '$.progress', json(?)) "
+                 f"{_WHERE_DOC} = ? AND json_valid(value) "
+                 "AND json_extract(value, '$.status') = 'running'")
 
-class _Store:
+
+def _sqlite_errors(method):
+    """sqlite3 errors leave the store as StoreError, with the file named."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(self.explain(exc)) from exc
+    return wrapper
+
+
+class _SqliteStore(_Store):
     """Castor's SQL on the beaver file: one connection per thread."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = self.name = path
         self._local = threading.local()
         self._schema_ready = False
+        self._identity = _file_identity(path)
 
     @property
     def conn(self):
@@ -730,6 +1498,14 @@ class _Store:
         if getattr(local, "pid", None) != os.getpid():  # not across fork()
             local.conn, local.pid = self._connect(), os.getpid()
         return local.conn
+
+    def explain(self, exc):
+        text = str(exc)
+        if "disk is full" in text or "disk I/O" in text:
+            return f"cannot write {self.path}: the disk is full ({text})"
+        if "locked" in text:
+            return f"{self.path} stayed locked by another process for {BUSY_TIMEOUT:g}s ({text})"
+        return f"{self.path}: {text}"
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
@@ -743,15 +1519,18 @@ class _Store:
         return conn
 
     def _create_schema(self, conn):
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'castor_periodic'").fetchone():
-            with self.transaction(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+        ready = "SELECT 1 FROM sqlite_master WHERE name = 'castor_jobs_unique'"
+        if not conn.execute(ready).fetchone():
+            with self._write(conn):
+                _run_script(conn, _SCHEMA)
+                for table, column, kind in _SCHEMA_ADDED:
+                    if column not in _columns(conn, table):
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                _run_script(conn, _INDEXES)
         self._schema_ready = True
 
     @contextlib.contextmanager
-    def transaction(self, conn=None):
+    def _write(self, conn=None):
         """A write transaction that takes the lock up front (no deadlocks)."""
         conn = conn or self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -763,283 +1542,823 @@ class _Store:
                 conn.execute("ROLLBACK")
             raise
 
-    def data_version(self):
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+    # Application side ---------------------------------------------------------
 
-    # Documents ----------------------------------------------------------------
+    @_sqlite_errors
+    def enqueue(self, new):
+        with self._write() as conn:
+            if any(item.unique_key for item in new):
+                return [self._add_unique(conn, item) for item in new]
+            self._add(conn, new)
+        return [item.doc["id"] for item in new]
 
-    def get_doc(self, task_id):
-        row = self.conn.execute(_GET_DOC, (task_id,)).fetchone()
-        return None if row is None else _load_doc(task_id, row[0])
+    def _add(self, conn, new):
+        conn.executemany(_ADD_DOC, [(item.doc["id"], item.raw) for item in new])
+        conn.executemany(_ADD_JOB, [
+            (item.doc["id"], item.doc["task_name"], item.doc["mode"], item.doc["priority"],
+             item.eta, item.unique_key) for item in new])
 
-    def list_docs(self, status, limit):
-        if status is None:
-            rows = self.conn.execute(
-                "SELECT id FROM castor_jobs ORDER BY seq DESC LIMIT ?", (limit,))
-        elif status in ("pending", "running"):  # their partial indexes are small
-            rows = self.conn.execute(
-                "SELECT id FROM castor_jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
-                (status, limit))
-        else:
-            rows = self.conn.execute(
-                "SELECT id FROM castor_jobs INDEXED BY castor_jobs_done WHERE status = ? "
-                "AND finished IS NOT NULL ORDER BY seq DESC LIMIT ?", (status, limit))
-        docs = (self.get_doc(task_id) for (task_id,) in rows.fetchall())
-        return [doc for doc in docs if doc is not None]
+    def _add_unique(self, conn, item):
+        if item.unique_key is not None:
+            row = conn.execute("SELECT id FROM castor_jobs WHERE unique_key = ? AND status "
+                               "IN ('pending', 'running')", (item.unique_key,)).fetchone()
+            if row is not None:
+                return row[0]
+        self._add(conn, [item])
+        return item.doc["id"]
 
-    def enqueue(self, docs):
-        with self.transaction() as conn:
-            self.enqueue_in(conn, docs)
-
-    def enqueue_in(self, conn, docs):
-        """Add pending tasks; their ``seq`` (queue order) goes in the document too.
-
-        Serializing is the JSON check: a bad argument raises NotJSONError here,
-        inside the transaction, and nothing at all is enqueued.
-        """
-        top = conn.execute("SELECT coalesce(max(seq), 0) FROM castor_jobs").fetchone()[0]
-        jobs, rows = [], []
-        for seq, doc in enumerate(docs, top + 1):
-            eta = doc.pop("eta_ts")
-            doc["seq"] = seq
-            rows.append((doc["id"], _to_json(doc, f"the arguments of {doc['task_name']}")))
-            jobs.append((seq, doc["id"], doc["task_name"], doc["mode"], doc["priority"], eta))
-        conn.executemany(_ADD_DOC, rows)
-        conn.executemany(_ADD_JOB, jobs)
-
+    @_sqlite_errors
     def put_finished(self, doc):
-        """Store a task that already ran (immediate mode)."""
-        doc.pop("eta_ts", None)
-        with self.transaction() as conn:
+        with self._write() as conn:
             conn.execute(_ADD_DOC, (doc["id"], _dumps(doc)))
             conn.execute(
                 "INSERT INTO castor_jobs (id, name, mode, status, finished) VALUES (?, ?, ?, ?, ?)",
                 (doc["id"], doc["task_name"], doc["mode"], doc["status"], time.time()))
             conn.execute(_BUMP, (doc["status"], 1))
 
-    def cancel(self, task_id, now):
-        with self.transaction() as conn:
-            doc = self.get_doc(task_id)
-            if doc is None:
-                return False
-            if isinstance(doc.get("seq"), int):
-                where, key = "seq = ? AND id = ?", (doc["seq"], task_id)
-            else:  # a document someone rewrote: find its job the slow way
-                where, key = "id = ?", (task_id,)
-            done = conn.execute(
-                "UPDATE castor_jobs SET status = 'cancelled', finished = ? "
-                f"WHERE {where} AND status = 'pending'", (now, *key)).rowcount
-            if not done:
-                return False
-            doc.update(status="cancelled", finished_at=_iso(now))
-            conn.execute(_SET_DOC, (_dumps(doc), task_id))
-            conn.execute(_BUMP, ("cancelled", 1))
-        return True
+    @_sqlite_errors
+    def get(self, task_id):
+        row = self.conn.execute(_GET_DOC, (task_id,)).fetchone()
+        return None if row is None else _load_doc(task_id, row[0])
 
-    # Queries ------------------------------------------------------------------
+    @_sqlite_errors
+    def list(self, status, name, limit, offset):
+        terms, params = [], []
+        if status is not None:
+            terms.append("j.status = ?")
+            params.append(status)
+            if status in FINISHED:  # lets SQLite use the index of finished rows
+                terms.append("j.finished IS NOT NULL")
+        if name is not None:
+            terms.append("j.name = ?")
+            params.append(name)
+        where = "WHERE " + " AND ".join(terms) if terms else ""
+        rows = self.conn.execute(_LIST_DOCS.format(where=where), (*params, limit, offset))
+        return [_load_doc(task_id, raw) for task_id, raw in rows.fetchall() if raw is not None]
 
+    @_sqlite_errors
     def counts(self):
         counts = dict.fromkeys(STATUSES, 0)
         conn = self.conn
-        # Both counts walk a partial index holding only unfinished tasks.
-        counts["pending"] = conn.execute(
-            "SELECT count(*) FROM castor_jobs INDEXED BY castor_jobs_eta "
-            "WHERE status = 'pending'").fetchone()[0]
-        counts["running"] = conn.execute(
-            "SELECT count(*) FROM castor_jobs INDEXED BY castor_jobs_running "
-            "WHERE status = 'running'").fetchone()[0]
+        # Both walk a partial index that holds only unfinished tasks.
+        for status in ("pending", "running"):
+            counts[status] = conn.execute(
+                "SELECT count(*) FROM castor_jobs WHERE status = ?", (status,)).fetchone()[0]
         for status, n in conn.execute("SELECT status, n FROM castor_stats"):
             counts[status] = n
         return counts
 
+    @_sqlite_errors
     def prune(self, before):
-        with self.transaction() as conn:
+        with self._write() as conn:
             rows = conn.execute(
                 "SELECT seq, id, status FROM castor_jobs WHERE finished IS NOT NULL "
                 "AND finished < ?", (before,)).fetchall()
             conn.executemany("DELETE FROM castor_jobs WHERE seq = ?", [(r[0],) for r in rows])
             conn.executemany(_DEL_DOC, [(r[1],) for r in rows])
-            for status, n in collections.Counter(r[2] for r in rows).items():
-                conn.execute(_BUMP, (status, -n))
+            self._bump(conn, collections.Counter(r[2] for r in rows), -1)
         return len(rows)
 
-    def has_ready(self, mode, now):
-        return self.conn.execute(
-            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_eta WHERE status = 'pending' "
-            "AND mode = ? AND eta <= ? LIMIT 1", (mode, now)).fetchone() is not None
+    @_sqlite_errors
+    def cancel(self, task_id, now):
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM castor_jobs WHERE id = ?", (task_id,)).fetchone()
+            if row is None or row[0] in FINISHED:
+                return False
+            if row[0] == "running":
+                conn.execute("UPDATE castor_jobs SET cancel = 1 WHERE id = ?", (task_id,))
+                return True
+            conn.execute("UPDATE castor_jobs SET status = 'cancelled', finished = ? "
+                         "WHERE id = ?", (now, task_id))
+            doc = self._doc_in(conn, task_id)
+            doc.update(status="cancelled", finished_at=_iso(now))
+            self._put_doc(conn, doc)
+            self._bump(conn, {"cancelled": 1})
+        return True
 
-    def next_eta(self, mode):
-        return self.conn.execute(
-            "SELECT min(eta) FROM castor_jobs INDEXED BY castor_jobs_eta "
-            "WHERE status = 'pending' AND mode = ?", (mode,)).fetchone()[0]
+    @_sqlite_errors
+    def requeue(self, ids, status, name, now):
+        with self._write() as conn:
+            if ids is not None:
+                marks = ",".join("?" * len(ids))
+                rows = conn.execute(f"SELECT id, status FROM castor_jobs WHERE id IN ({marks}) "
+                                    "AND status IN ('failed', 'cancelled')", ids).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT id, status FROM castor_jobs WHERE status = ? AND finished IS NOT "
+                    "NULL AND (? IS NULL OR name = ?)", (status, name, name)).fetchall()
+            done = collections.Counter()
+            for task_id, was in rows:
+                # OR IGNORE: a unique task already pending again stays single.
+                if conn.execute("UPDATE OR IGNORE castor_jobs SET status = 'pending', "
+                                "finished = NULL, eta = ?, cancel = 0, losses = 0 "
+                                "WHERE id = ?", (now, task_id)).rowcount:
+                    self._put_doc(conn, _redriven(self._doc_in(conn, task_id), now))
+                    done[was] += 1
+            self._bump(conn, done, -1)
+        return sum(done.values())
 
-    # Worker side (called inside a transaction) --------------------------------
+    @_sqlite_errors
+    def version(self):
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def claim(self, conn, worker_id, mode, limit, now):
-        """Mark up to ``limit`` due tasks running for this worker: [(seq, doc)],
-        in queue order. Two statements, however many tasks."""
-        jobs = conn.execute(
-            "UPDATE castor_jobs SET status = 'running', worker = ? WHERE seq IN ("
-            "SELECT seq FROM castor_jobs INDEXED BY castor_jobs_ready WHERE status = 'pending' "
-            "AND mode = ? AND eta <= ? ORDER BY priority, seq LIMIT ?) RETURNING priority, seq, id",
-            (worker_id, mode, now, limit)).fetchall()
-        if not jobs:
-            return []
-        ids = [task_id for _, _, task_id in jobs]
-        docs = dict(conn.execute(_CLAIM_DOCS.format(marks=",".join("?" * len(ids))),
-                                 (_iso(now), worker_id, *ids)).fetchall())
-        claimed = []
-        for _, seq, task_id in sorted(jobs):  # RETURNING has no order of its own
-            raw = docs.get(task_id)
-            doc = _load_doc(task_id, raw) if raw is not None else _missing_doc(task_id, None)
-            if doc.get("status") != "running":  # corrupt: still ours to fail
-                doc.update(status="running", started_at=_iso(now), worker=worker_id)
-            claimed.append((seq, doc))
-        return claimed
+    # Worker side --------------------------------------------------------------
 
-    def finish(self, conn, worker_id, outcomes, now):
-        """Record final outcomes [(seq, doc, json)]; the docs this worker still owned."""
-        changed = conn.executemany(
-            "UPDATE castor_jobs SET status = ?, worker = NULL, finished = ? "
-            "WHERE seq = ? AND id = ? AND worker = ? AND status = 'running'",
-            [(doc["status"], now, seq, doc["id"], worker_id) for seq, doc, _ in outcomes]).rowcount
-        kept = outcomes
-        if changed < len(outcomes):  # some lease was lost: which rows did we write?
-            marks = ",".join("?" * len(outcomes))
-            mine = {seq for (seq,) in conn.execute(
-                f"SELECT seq FROM castor_jobs WHERE seq IN ({marks}) AND worker IS NULL "
-                "AND finished = ?", (*[seq for seq, _, _ in outcomes], now))}
-            kept = [outcome for outcome in outcomes if outcome[0] in mine]
-        rows = [(raw, doc["id"]) for _, doc, raw in kept]
+    @_sqlite_errors
+    def exchange(self, worker_id, outcomes, progress, wants, limits, now):
+        done = _Exchange()
+        if not outcomes and not progress:
+            # A read first: no write lock taken when there is nothing to do.
+            wants = self._ready(wants, now, done)
+            if not wants:
+                return done
+        with self._write() as conn:
+            self._record(conn, worker_id, outcomes, now, done)
+            conn.executemany(_SET_PROGRESS, [(_dumps(report), task_id)
+                                             for task_id, report in progress.items()])
+            for mode, n in wants.items():
+                done.claimed[mode] = claimed = self._claim(conn, worker_id, mode, n, limits, now)
+                if len(claimed) < n:
+                    done.idle[mode] = self._next_eta(conn, mode)
+        return done
+
+    def _ready(self, wants, now, done):
+        ready = {}
+        for mode, n in wants.items():
+            if self.conn.execute(f"SELECT 1 FROM castor_jobs WHERE {_PENDING_LOOK} LIMIT 1",
+                                 (mode, now)).fetchone():
+                ready[mode] = n
+            else:
+                done.idle[mode] = self._next_eta(self.conn, mode)
+        return ready
+
+    def _next_eta(self, conn, mode):
+        return conn.execute("SELECT min(eta) FROM castor_jobs WHERE status = 'pending' "
+                            "AND mode = ?", (mode,)).fetchone()[0]
+
+    def _record(self, conn, worker_id, outcomes, now, done):
+        """Write outcomes whose lease this worker still holds; refuse the rest."""
+        for outcome in outcomes:
+            held = conn.execute(
+                "UPDATE castor_jobs SET status = ?, finished = ?, eta = ? WHERE id = ? AND "
+                "worker = ? AND lease = ? AND status = 'running'",
+                _job_outcome(outcome, worker_id, now)).rowcount
+            (done.recorded if held else done.refused).append(outcome)
+        rows = [(outcome.raw, outcome.doc["id"]) for outcome in done.recorded]
         if conn.executemany(_SET_DOC, rows).rowcount < len(rows):
             # Someone deleted a document meanwhile: the outcome brings it back.
             conn.executemany(_RESTORE_DOC, [(key, raw) for raw, key in rows])
-        for status, n in collections.Counter(doc["status"] for _, doc, _ in kept).items():
-            conn.execute(_BUMP, (status, n))
-        return [doc for _, doc, _ in kept]
+        self._bump(conn, collections.Counter(
+            o.doc["status"] for o in done.recorded if o.retry_at is None))
 
-    def retry_later(self, conn, worker_id, seq, doc, raw, eta):
-        """Put a failed attempt back to pending until ``eta``."""
-        if not conn.execute("SELECT 1 FROM castor_jobs WHERE seq = ? AND id = ? AND worker = ? "
-                            "AND status = 'running'", (seq, doc["id"], worker_id)).fetchone():
-            return False
-        conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, eta = ? "
-                     "WHERE seq = ?", (eta, seq))
-        conn.execute(_SET_DOC, (raw, doc["id"]))
-        return True
-
-    def requeue_owned(self, conn, owners, now, loss, orphans=False):
-        """Return the running tasks of ``owners`` (and, with ``orphans``, of no
-        live worker) to pending, adding ``loss`` to their losses."""
-        marks = ",".join("?" * len(owners))
-        orphaned = ("OR worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)"
-                    if orphans else "")
-        rows = conn.execute(
-            "SELECT seq, id, losses FROM castor_jobs INDEXED BY castor_jobs_running "
-            f"WHERE status = 'running' AND (worker IN ({marks}) {orphaned})", owners).fetchall()
-        return [self._requeue(conn, seq, task_id, losses + loss, now)
-                for seq, task_id, losses in rows]
-
-    def _requeue(self, conn, seq, task_id, losses, now):
-        doc = self.get_doc(task_id) or _missing_doc(task_id)
-        doc.update(losses=losses, worker=None, started_at=None,
-                   attempts=max(0, _as_int(doc.get("attempts")) - 1))
-        if losses >= MAX_LOSSES:
-            doc["attempts"] += 1
-            _apply_reply(doc, {"ok": False, "error": _castor_error(
-                f"worker lost {losses} times while running this task; giving up")}, now)
-            conn.execute("UPDATE castor_jobs SET status = 'failed', worker = NULL, "
-                         "losses = ?, finished = ? WHERE seq = ?", (losses, now, seq))
-            conn.execute(_BUMP, ("failed", 1))
+    def _claim(self, conn, worker_id, mode, n, limits, now):
+        """Mark up to ``n`` due tasks running for this worker: [(doc, lease)]."""
+        if limits:
+            seqs = self._pick_limited(conn, mode, n, limits, now)
+            where, params = f"seq IN ({','.join('?' * len(seqs))})", seqs
         else:
-            doc["status"] = "pending"
-            conn.execute("UPDATE castor_jobs SET status = 'pending', worker = NULL, "
-                         "losses = ? WHERE seq = ?", (losses, seq))
-        conn.execute(_SET_DOC, (_dumps(doc), task_id))
-        return doc
+            where = (f"seq IN (SELECT seq FROM castor_jobs WHERE {_PENDING_LOOK} "
+                     "ORDER BY priority, seq LIMIT ?)")
+            params = (mode, now, n)
+        jobs = conn.execute(
+            "UPDATE castor_jobs SET status = 'running', worker = ?, lease = lease + 1 "
+            f"WHERE {where} RETURNING priority, seq, id, lease", (worker_id, *params)).fetchall()
+        if not jobs:
+            return []
+        ids = [task_id for _, _, task_id, _ in jobs]
+        docs = dict(conn.execute(_CLAIM_DOCS.format(marks=",".join("?" * len(ids))),
+                                 (_iso(now), worker_id, *ids)).fetchall())
+        # RETURNING has no order of its own: queue order again.
+        return [(_claimed_doc(task_id, docs.get(task_id), worker_id, now), lease)
+                for _, _, task_id, lease in sorted(jobs)]
 
-    # Workers ------------------------------------------------------------------
+    def _pick_limited(self, conn, mode, n, limits, now):
+        """Due tasks in queue order, no name past its concurrency limit."""
+        marks = ",".join("?" * len(limits))
+        room = dict(limits)
+        for name, running in conn.execute(
+                f"SELECT name, count(*) FROM castor_jobs WHERE status = 'running' AND name IN "
+                f"({marks}) GROUP BY name", list(limits)):
+            room[name] -= running
+        picked = []
+        while len(picked) < n:
+            full = [name for name, left in room.items() if left <= 0]
+            rows = conn.execute(
+                f"SELECT seq, name FROM castor_jobs WHERE {_PENDING_LOOK} AND name NOT IN "
+                f"({','.join('?' * len(full))}) AND seq NOT IN ({','.join('?' * len(picked))}) "
+                "ORDER BY priority, seq LIMIT ?", (mode, now, *full, *picked, n - len(picked)))
+            before = len(picked)
+            for seq, name in rows.fetchall():
+                if name in room:
+                    if room[name] <= 0:
+                        continue
+                    room[name] -= 1
+                picked.append(seq)
+            if len(picked) == before and not any(v <= 0 and k not in full for k, v in room.items()):
+                break
+        return picked[:n]
 
-    def register_worker(self, worker_id, now):
-        with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO castor_workers VALUES (?, ?, ?, ?, ?)",
-                         (worker_id, os.getpid(), _host_id(), now, now))
+    @_sqlite_errors
+    def cancel_requests(self, worker_id):
+        return {task_id for (task_id,) in self.conn.execute(
+            "SELECT id FROM castor_jobs WHERE status = 'running' AND worker = ? AND cancel = 1",
+            (worker_id,))}
 
+    @_sqlite_errors
+    def register(self, worker_id, info, now):
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO castor_workers (id, pid, host, started, "
+                         "heartbeat, info) VALUES (?, ?, ?, ?, ?, ?)",
+                         (worker_id, os.getpid(), _host_id(), now, now, _dumps(info)))
+
+    @_sqlite_errors
     def heartbeat(self, worker_id, now):
-        """Renew this worker's lease; False if others had given it up for dead."""
-        with self.transaction() as conn:
+        with self._write() as conn:
             return conn.execute("UPDATE castor_workers SET heartbeat = ? WHERE id = ?",
                                 (now, worker_id)).rowcount == 1
 
-    def deregister_worker(self, worker_id):
-        with self.transaction() as conn:
+    @_sqlite_errors
+    def deregister(self, worker_id):
+        with self._write() as conn:
             conn.execute("DELETE FROM castor_workers WHERE id = ?", (worker_id,))
 
+    @_sqlite_errors
     def workers(self):
-        return self.conn.execute("SELECT id, pid, host, heartbeat FROM castor_workers").fetchall()
+        now = time.time()
+        rows = self.conn.execute(
+            "SELECT id, pid, host, started, heartbeat, info FROM castor_workers ORDER BY started")
+        return [_worker_row(*row, age=now - row[4]) for row in rows.fetchall()]
 
-    def reap(self, dead, now):
-        """Requeue the tasks of ``dead`` {worker: heartbeat seen} and of no worker.
+    @_sqlite_errors
+    def reap(self, dead, now, verdict):
+        if not dead and not self._orphans():
+            return []
+        with self._write() as conn:
+            for wid, beat in dead.items():
+                conn.execute("DELETE FROM castor_workers WHERE id = ? AND heartbeat = ?",
+                             (wid, beat))
+            rows = conn.execute(
+                "SELECT id, losses, cancel FROM castor_jobs WHERE status = 'running' AND "
+                "(worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers))").fetchall()
+            return [self._give_back(conn, row, 1, now, verdict) for row in rows]
 
-        A worker is only removed if its heartbeat is still the one seen: one
-        that beat meanwhile is alive after all.
-        """
-        with self.transaction() as conn:
-            gone = [wid for wid, beat in dead.items() if conn.execute(
-                "DELETE FROM castor_workers WHERE id = ? AND heartbeat = ?", (wid, beat)).rowcount]
-            return self.requeue_owned(conn, gone, now, loss=1, orphans=True)
-
-    def has_orphans(self):
+    def _orphans(self):
         return self.conn.execute(
-            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_running WHERE status = 'running' "
-            "AND (worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)) LIMIT 1"
-        ).fetchone() is not None
+            "SELECT 1 FROM castor_jobs WHERE status = 'running' AND (worker IS NULL OR worker "
+            "NOT IN (SELECT id FROM castor_workers)) LIMIT 1").fetchone() is not None
 
-    def due_periodic(self, conn, name, every, now):
-        """True when this worker won the right to enqueue ``name`` now, else when it is due."""
-        row = conn.execute("SELECT next_run FROM castor_periodic WHERE name = ?", (name,)).fetchone()
-        if row is not None and row[0] > now:
-            return row[0]
-        # Missed periods while no worker ran are skipped, not run in a burst.
-        next_run = now + every if row is None or row[0] + every <= now else row[0] + every
-        conn.execute("INSERT OR REPLACE INTO castor_periodic VALUES (?, ?)", (name, next_run))
-        return True
+    @_sqlite_errors
+    def release(self, worker_id, now, verdict):
+        with self._write() as conn:
+            rows = conn.execute("SELECT id, losses, cancel FROM castor_jobs WHERE "
+                                "status = 'running' AND worker = ?", (worker_id,)).fetchall()
+            return [self._give_back(conn, row, 0, now, verdict) for row in rows]
+
+    def _give_back(self, conn, row, loss, now, verdict):
+        task_id, losses, cancel = row
+        doc = verdict(self._doc_in(conn, task_id), losses + loss, bool(cancel), now)
+        finished = now if doc["status"] in FINISHED else None
+        conn.execute("UPDATE castor_jobs SET status = ?, worker = NULL, losses = ?, "
+                     "finished = ? WHERE id = ?", (doc["status"], losses + loss, finished, task_id))
+        self._put_doc(conn, doc)
+        if finished:
+            self._bump(conn, {doc["status"]: 1})
+        return doc
+
+    @_sqlite_errors
+    def periodic(self):
+        return dict(self.conn.execute("SELECT name, next_run FROM castor_periodic"))
+
+    @_sqlite_errors
+    def fire_periodic(self, name, expected, next_run, new):
+        with self._write() as conn:
+            if expected is None:
+                won = conn.execute("INSERT OR IGNORE INTO castor_periodic VALUES (?, ?)",
+                                   (name, next_run)).rowcount
+            else:
+                won = conn.execute("UPDATE castor_periodic SET next_run = ? WHERE name = ? "
+                                   "AND next_run = ?", (next_run, name, expected)).rowcount
+            if won and new is not None:
+                self._add(conn, [new])
+        return bool(won)
+
+    def watch(self):
+        return _InotifyWatch.open(os.path.dirname(self.path))
+
+    def check(self):
+        identity = _file_identity(self.path)
+        if identity != self._identity:
+            what = "was deleted" if identity is None else "was replaced by another file"
+            raise _StoreGone(f"the database file {self.path} {what} while this worker "
+                             "was using it")
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.pid = None
+
+    # Documents ----------------------------------------------------------------
+
+    def _doc_in(self, conn, task_id):
+        row = conn.execute(_GET_DOC, (task_id,)).fetchone()
+        return _corrupt_doc(task_id) if row is None else _load_doc(task_id, row[0])
+
+    def _put_doc(self, conn, doc):
+        raw = _dumps(doc)
+        if not conn.execute(_SET_DOC, (raw, doc["id"])).rowcount:
+            conn.execute(_RESTORE_DOC, (doc["id"], raw))
+
+    def _bump(self, conn, counter, sign=1):
+        conn.executemany(_BUMP, [(status, sign * n) for status, n in counter.items() if n])
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not JSON")
+def _run_script(conn, script):
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
-def _load_doc(task_id, raw):
-    """A document as stored; garbage becomes a document that says so."""
+def _columns(conn, table):
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _file_identity(path):
     try:
-        # NaN and Infinity (which beaver's json.dumps lets through) are garbage
-        # too: SQLite's JSON functions refuse them.
-        doc = json.loads(raw, parse_constant=_no_constants)
-    except (TypeError, ValueError):
-        doc = None
-    if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
-        return _missing_doc(task_id, raw)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _job_outcome(outcome, worker_id, now):
+    """Parameters of the fenced update that records an outcome."""
+    if outcome.retry_at is None:
+        return outcome.doc["status"], now, 0, outcome.doc["id"], worker_id, outcome.lease
+    return "pending", None, outcome.retry_at, outcome.doc["id"], worker_id, outcome.lease
+
+
+def _claimed_doc(task_id, raw, worker_id, now):
+    doc = _load_doc(task_id, raw) if raw is not None else _corrupt_doc(task_id)
+    if doc.get("status") != "running":  # corrupt: still ours to fail
+        doc.update(status="running", started_at=_iso(now), worker=worker_id)
     return doc
 
 
-def _missing_doc(task_id, raw=None):
-    return {"id": task_id, "task_name": None, "status": "pending", "args": None, "kwargs": None,
-            "corrupt": "the document is missing" if raw is None else str(raw)[:1000]}
+def _worker_row(wid, pid, host, started, beat, info, age):
+    row = {"id": wid, "pid": pid, "host": host, "started_at": _iso(started),
+           "heartbeat_at": _iso(beat), "beat": beat, "age": age}
+    with contextlib.suppress(TypeError, ValueError):
+        extra = json.loads(info) if isinstance(info, str) else info
+        if isinstance(extra, dict):
+            row.update((k, v) for k, v in extra.items() if k not in row)
+    return row
 
 
-def _as_int(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+class _PostgresStore(_Store):
+    def __init__(self, dsn):
+        raise CastorError("TODO")
 
 
-@functools.cache
-def _host_id():
-    """This machine, and its pid namespace: a pid means something only there."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
+# Worker #######################################################################
+#
+# The worker is a loop: record what finished and claim what is due (one
+# store transaction), hand each claimed task to the pool of its mode, sleep
+# until there is news. Its collaborators do the rest: _Heart (heartbeats and
+# the reaping of dead workers), _Scheduler (periodic and cron tasks),
+# _ClaimGate (which modes are worth a claim), the pools (one class per mode:
+# see "Worker: pools"), and _Inbox (where runs end, and how the loop sleeps).
+
+
+class _Run:
+    """A task this worker is running."""
+
+    __slots__ = ("doc", "lease", "task", "mode", "started", "ctx", "deadline")
+
+    def __init__(self, doc, lease, task, started):
+        self.doc, self.lease, self.task, self.started = doc, lease, task, started
+        self.mode = task.mode if task is not None else "thread"
+        self.ctx = TaskContext(doc["id"], doc.get("task_name"), _as_int(doc.get("attempts")))
+        timeout = task.timeout if task is not None else None
+        self.deadline = None if timeout is None else started + timeout
+
+    @property
+    def id(self):
+        return self.doc["id"]
+
+    @property
+    def daemon(self):
+        return self.task is not None and self.task.daemon
+
+
+class Worker:
+    """Runs a manager's tasks: threads for mode="thread", processes for
+    "process", an event loop for "async".
+
+    ``run()`` blocks until ``stop()`` or SIGINT/SIGTERM (in the main thread);
+    a second signal exits at once and puts running tasks back to pending.
+    """
+
+    def __init__(self, manager, workers=None, threads=None, *, async_tasks=None,
+                 target=None, imports=()):
+        import socket
+        self.manager = manager
+        self.processes = workers or os.cpu_count() or 1
+        self.threads = threads or self.processes * 2
+        self.async_tasks = async_tasks or ASYNC_TASKS
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.target, self.imports = target, list(imports)
+        self.state = "Idle"
+        self._stop, self._abort = threading.Event(), threading.Event()
+        self._inbox = _Inbox()
+        self._pools, self._runs, self._unrecorded = {}, {}, []
+        self._gate, self._trouble = _ClaimGate(), _Trouble()
+        self._heart = self._scheduler = None
+        self._rng = random.Random()
+        self._next_look = self._next_progress = 0.0
+        self._failure = None
+
+    # Public -------------------------------------------------------------------
+
+    def stop(self, now=False):
+        """Stop claiming and finish running tasks; ``now=True`` gives them back."""
+        (self._abort if now else self._stop).set()
+        self._inbox.put(None)  # wake the loop
+
+    def busy(self):
+        """``{"thread": (busy, total), "process": (...), "async": (...)}``."""
+        return {mode: (pool.busy(), pool.size) for mode, pool in list(self._pools.items())
+                if not pool.sweep_only}
+
+    @property
+    def problem(self):
+        """The store error the worker is riding out, or None."""
+        return self._trouble.message
+
+    def run(self):
+        """Serve tasks until stopped. Returns 0 after a graceful stop, 1 if
+        forced or if the store went away."""
+        if os.environ.get("CASTOR_POOL_CHILD"):
+            raise CastorError("a process-pool child imported a module that starts a worker: "
+                              "put Worker(...).run() under `if __name__ == '__main__':`")
+        config = self._child_config()  # fail here, before touching signals or the store
+        restore = self._install_signals()
+        try:
+            self.state = "Running"
+            self._start(config, time.time())
+            logger.info("Worker %s serving %d task(s) from %s", self.id,
+                        len(self.manager._tasks), self.manager.path)
+            self._serve()
+        finally:
+            forced = self._abort.is_set()
+            self._shutdown(forced)
+            restore()
+            self.state = "Stopped"
+        return 1 if forced or self._failure else 0
+
+    # Loop ---------------------------------------------------------------------
+
+    def _serve(self):
+        while not self._abort.is_set():
+            try:
+                self._tick(time.time())
+                self._trouble.clear(len(self._unrecorded))
+            except _StoreGone as exc:
+                self._fail(str(exc))
+            except Exception as exc:  # the store is full, locked, down: ride it out
+                self._abort.wait(self._trouble.report(exc, len(self._unrecorded)))
+            if self._stop.is_set() and self.state == "Stopping" and not (
+                    self._runs or self._unrecorded):
+                return
+            self._wait(time.time())
+
+    def _tick(self, now):
+        if self._stop.is_set() and self.state == "Running":
+            self._begin_stopping(now)
+        sweep = self._heart.tick(now)
+        if sweep and self._heart.reaped:
+            self._gate.touch()  # our own commit put work back: look again
+        if not self._stop.is_set() and self._scheduler.tick(now):
+            self._gate.touch()
+        for pool in self._pools.values():
+            pool.tick(now)
+        self._look_at_runs(now)
+        self._exchange(now, sweep)
+
+    def _exchange(self, now, sweep):
+        """Record finished runs and claim new tasks in one transaction, then start them."""
+        self._unrecorded += [self._settle(*item) for item in self._collect()]
+        progress = self._progress(now)
+        wants = {} if self._stop.is_set() else self._gate.wants(self._pools, self.manager._store,
+                                                                now, sweep)
+        if not (self._unrecorded or progress or wants):
+            return
+        done = self.manager._store.exchange(self.id, self._unrecorded, progress, wants,
+                                            self._limits, now)
+        self._unrecorded = []  # outcomes stay until a commit holds them: nothing is lost
+        self._gate.update(wants, done)
+        if any(outcome.retry_at is not None for outcome in done.recorded):
+            self._gate.touch()  # a retry we just wrote may fall due before anything else
+        _log_outcomes(done)
+        for claimed in done.claimed.values():
+            for doc, lease in claimed:
+                self._dispatch(doc, lease)
+
+    def _wait(self, now):
+        """Sleep until the store changes, a run ends, or something falls due."""
+        wake = [self._heart.next_beat]
+        wake += [pool.wake_at() or math.inf for pool in self._pools.values()]
+        if self._runs:
+            wake += [self._next_look, self._next_progress]
+        if not self._stop.is_set():
+            wake += [self._gate.wake_at(self._pools), self._scheduler.wake_at()]
+        self._inbox.wait(max(0.0, min(wake) - now))
+        if self._inbox.pending() and self._gate.backlog():
+            # A backlog: give the other running tasks a moment to finish too,
+            # so that one commit records them all.
+            self._inbox.settle(len(self._runs), time.time() + GROUP_COMMIT_WINDOW)
+
+    def _collect(self):
+        """Ended runs from the pools: (run, reply, ended)."""
+        ended = []
+        for item in self._inbox.drain():
+            if item is not None:
+                run = self._runs.pop(item[0], None)
+                if run is not None:
+                    ended.append((run, item[1], item[2]))
+        return ended
+
+    def _settle(self, run, reply, ended):
+        """What becomes of a run: an _Outcome for the store, with its log line."""
+        doc = run.doc
+        retry_at = _retry_at(run.task, _as_int(doc.get("attempts")) or 1, reply, ended, self._rng)
+        if retry_at is not None:
+            doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
+                       exception=reply["error"], started_at=None, retry_at=_iso(retry_at))
+        else:
+            _finish_doc(doc, reply, ended)
+        if run.ctx._progress is not None:
+            doc["progress"] = run.ctx._progress
+        try:
+            raw = _dumps(doc)
+        except Exception as exc:  # one bad outcome must not block the others
+            logger.exception("Task %s: could not record its outcome", run.id[:8])
+            doc = _corrupt_doc(run.id, "an outcome castor could not record")
+            _finish_doc(doc, _failed(f"castor could not record this task's outcome: {exc!r}"),
+                        ended)
+            raw, retry_at = _dumps(doc), None
+        return _Outcome(doc, raw, retry_at, run.lease, _outcome_note(run, reply, ended, retry_at))
+
+    def _dispatch(self, doc, lease):
+        """Hand a claimed task to its pool; any problem fails that task only."""
+        task = self.manager._tasks.get(doc.get("task_name"))
+        run = _Run(doc, lease, task, time.time())
+        self._runs[run.id] = run
+        problem = _job_problem(doc, task, self.target)
+        if problem is not None:
+            self._inbox.put((run.id, _failed(problem), time.time()))
+            return
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Task %s started: %s", run.id[:8], _call_repr(doc))
+        self._pools[run.mode].submit(run)
+
+    def _look_at_runs(self, now):
+        """Now and then: stop the runs someone cancelled."""
+        if not self._runs or now < self._next_look:
+            return
+        self._next_look = now + CANCEL_CHECK_INTERVAL
+        for task_id in self.manager._store.cancel_requests(self.id):
+            run = self._runs.get(task_id)
+            if run is not None and not run.ctx.cancelled:
+                logger.info("Task %s: cancel requested, stopping it", task_id[:8])
+                self._pools[run.mode].cancel(run)
+
+    def _progress(self, now):
+        """Progress reports that changed since the last write: {id: report}."""
+        if not self._runs or now < self._next_progress:
+            return {}
+        self._next_progress = now + PROGRESS_INTERVAL
+        reports = {run.id: run.ctx._take_progress() for run in list(self._runs.values())}
+        return {task_id: report for task_id, report in reports.items() if report is not None}
+
+    def _fail(self, message):
+        """The store went away: stop at once, say why, exit non-zero."""
+        logger.error("%s; stopping", message)
+        self._failure = message
+        self._abort.set()
+
+    # Start and stop -----------------------------------------------------------
+
+    def _child_config(self):
+        if not any(t.mode == "process" for t in self.manager._tasks.values()):
+            return None
+        return _child_config(self.manager, self.target, self.imports)
+
+    def _start(self, config, now):
+        store, tasks = self.manager._store, self.manager._tasks.values()
+        self._inbox.watch = store.watch()
+        self._pools = _start_pools(self, config, {t.mode for t in tasks})
+        self._limits = {t.name: t.concurrency for t in tasks if t.concurrency is not None}
+        info = {"version": __version__, "target": self.target,
+                "pools": {mode: pool.size for mode, pool in self._pools.items()
+                          if not pool.sweep_only}}
+        self._heart = _Heart(self.id, store, info)
+        self._heart.register(now)
+        self._scheduler = _Scheduler(store, [t for t in tasks if t.periodic])
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, frame):
+            # Only flags here; the wakeup fd below has already woken the loop.
+            (self._abort if self._stop.is_set() else self._stop).set()
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous_fd = signal.set_wakeup_fd(self._inbox.wakeup_fd)
+
+        def restore():
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return restore
+
+    def _begin_stopping(self, now):
+        """Stop claiming; daemon tasks are terminated, critical ones awaited."""
+        self.state = "Stopping"
+        logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
+                    sum(1 for run in self._runs.values() if not run.daemon))
+        for pool in self._pools.values():
+            pool.stop_daemons([run for run in self._runs.values()
+                               if run.daemon and run.mode == pool.mode])
+
+    def _shutdown(self, forced):
+        """Leave nothing behind: children killed, outcomes kept, the rest given back."""
+        for pool in self._pools.values():
+            pool.close(kill=forced)
+        if self._heart is not None and self._failure is None:
+            self._give_back()
+        self._inbox.close()
+        logger.info("Worker %s stopped", self.id)
+
+    def _give_back(self):
+        store = self.manager._store
+        try:
+            self._unrecorded += [self._settle(*item) for item in self._collect()]
+            if self._unrecorded:
+                _log_outcomes(store.exchange(self.id, self._unrecorded, {}, {}, {}, time.time()))
+                self._unrecorded = []
+            released = store.release(self.id, time.time(), _lost)
+            if released:
+                logger.warning("Exiting now: %d running task(s) back to pending", len(released))
+            store.deregister(self.id)
+        except Exception:  # even then: close up, other workers will take over
+            logger.exception("could not give back running tasks; other workers will")
+
+
+def _start_pools(worker, config, modes):
+    """One pool per mode; a mode with no task here gets a _NoPool, looked at
+    once a second only to fail what it finds (a task this worker lacks)."""
+    inbox, manager = worker._inbox, worker.manager
+    pools = {"thread": _ThreadPool(manager, worker.threads, inbox)}
+    pools["process"] = (_ProcessPool(config, worker.processes, inbox)
+                        if config is not None else _NoPool("process", inbox))
+    pools["async"] = (_AsyncPool(manager, worker.async_tasks, inbox)
+                      if "async" in modes else _NoPool("async", inbox))
+    for pool in pools.values():
+        pool.start()
+    return pools
+
+
+def _job_problem(doc, task, target):
+    """Why a claimed task cannot run here, or None."""
+    if doc.get("corrupt") is not None:
+        return f"the task document is corrupt: {doc['corrupt']!r}"
+    if task is None:
+        where = target or "the manager's module"
+        return (f"unknown task {doc.get('task_name')!r}: this worker has no such task. "
+                f"Register it by importing its module from {where}, or start the worker "
+                "with --import MODULE")
+    if not isinstance(doc.get("args"), list) or not isinstance(doc.get("kwargs"), dict):
+        return f"the task document has bad args/kwargs: {doc.get('args')!r}, {doc.get('kwargs')!r}"
+    return None
+
+
+def _outcome_note(run, reply, ended, retry_at):
+    """The log line of an outcome, written once the store holds it."""
+    short = run.id[:8]
+    if reply["ok"]:
+        return logging.INFO, "Task %s finished successfully in %.2fs", (
+            short, max(0.0, ended - run.started))
+    if retry_at is not None:
+        return logging.WARNING, "Task %s failed (attempt %d of %d), retrying at %s: %s", (
+            short, run.doc["attempts"], run.task.retries + 1, run.doc["retry_at"],
+            _short_error(reply["error"]))
+    if reply.get("cancelled"):
+        return logging.INFO, "Task %s cancelled", (short,)
+    return logging.ERROR, "Task %s failed: %s", (short, _short_error(reply["error"]))
+
+
+def _log_outcomes(done):
+    for outcome in done.recorded:
+        if outcome.note is not None:
+            logger.log(outcome.note[0], outcome.note[1], *outcome.note[2])
+    for outcome in done.refused:
+        logger.warning("Task %s: its lease was lost (the task went to another worker); "
+                       "this result is discarded", outcome.doc["id"][:8])
+
+
+def _short_error(err):
+    return f"{err.get('qualname')}: {err.get('message')}"
+
+
+def _call_repr(doc):
+    parts = [repr(a) for a in doc["args"]] + [f"{k}={v!r}" for k, v in doc["kwargs"].items()]
+    text = f"{doc['task_name']}({', '.join(parts)})"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# Worker: decisions ############################################################
+#
+# Plain functions of the time they are given: the tests call them with any
+# clock they like.
+
+
+def _retry_at(task, attempts, reply, ended, rng):
+    """When the next attempt runs, or None when this one was the last."""
+    if reply["ok"] or reply.get("cancelled") or task is None or attempts > task.retries:
+        return None
+    base = task.retry_delay * 2 ** (attempts - 1)
+    return ended + min(base * rng.uniform(1.0, 1.25), MAX_SECONDS)  # jitter: no stampede
+
+
+def _lost(doc, losses, cancelled, now):
+    """A task whose worker died or is leaving: pending again (the lost run
+    does not use up an attempt), failed after MAX_LOSSES, or cancelled."""
+    doc.update(losses=losses, worker=None, started_at=None,
+               attempts=max(0, _as_int(doc.get("attempts")) - 1))
+    if cancelled:
+        _finish_doc(doc, {"ok": False, "cancelled": True, "error": _verdict(
+            "cancelled while its worker was gone", "Cancelled")}, now)
+    elif losses >= MAX_LOSSES:
+        doc["attempts"] += 1
+        _finish_doc(doc, _failed(f"worker lost {losses} times while running this task; "
+                                 "giving up"), now)
+    else:
+        doc["status"] = "pending"
+    return doc
+
+
+def _redriven(doc, now):
+    """A failed or cancelled task made pending again; its past stays in history."""
+    past = {key: doc.get(key) for key in ("status", "attempts", "error", "started_at",
+                                          "finished_at")}
+    history = doc.get("history") if isinstance(doc.get("history"), list) else []
+    doc.update(status="pending", attempts=0, losses=0, started_at=None, finished_at=None,
+               result=None, error=None, exception=None, eta=None, retry_at=None,
+               worker=None, progress=None, history=history + [past],
+               requeued_at=_iso(now))
+    return doc
+
+
+def _next_slot(task, last, now):
+    """(fire now?, next run) of a periodic task whose stored next run is ``last``.
+
+    Slots missed while no worker ran are run once, not replayed one by one.
+    """
+    if last is not None and last > now:
+        return False, last
+    if task.every is not None:
+        if last is not None and last + task.every > now:
+            return True, last + task.every  # on time: keep the rhythm
+        return True, now + task.every
+    # A cron task waits for its first slot; a missed slot fires once.
+    return last is not None, task.cron.next_after(now)
+
+
+def _dead_workers(rows, me, observed, beats, now):
+    """Workers that are surely dead: {id: heartbeat seen}.
+
+    Dead means: its process is gone (same machine), or its heartbeat has not
+    moved while this worker beat LEASE_TIMEOUT seconds' worth. Time alone is
+    not enough: when someone holds the file locked, nobody can beat, and the
+    first through must not bury the others. ``observed`` {id: (beat, our
+    beats then)} is kept up to date here.
+    """
+    dead = {}
+    for row in rows:
+        wid, beat = row["id"], row["beat"]
+        if wid == me:
+            continue
+        seen, then = observed.get(wid, (None, None))
+        if beat != seen:
+            observed[wid] = (beat, beats)
+            then = beats
+        silent = beats - then >= LEASE_TIMEOUT / HEARTBEAT_INTERVAL
+        if not _alive(row["pid"], row["host"]) or (silent and row["age"] > LEASE_TIMEOUT):
+            dead[wid] = beat
+    for wid in set(observed) - {row["id"] for row in rows}:
+        del observed[wid]
+    return dead
 
 
 def _alive(pid, host):
@@ -1063,458 +2382,174 @@ def _is_zombie(pid):
         return False
 
 
-# Worker #######################################################################
+# Worker: collaborators ########################################################
 
 
-class _Run:
-    """A task this worker is running."""
+class _Heart:
+    """Heartbeats, a look at the store's health, and the reaping of dead
+    workers' tasks, each on its own schedule."""
 
-    __slots__ = ("seq", "doc", "task", "mode", "started", "deadline")
+    def __init__(self, worker_id, store, info):
+        self.id, self.store, self.info = worker_id, store, info
+        self.next_beat = self.next_reap = 0.0
+        self.beats, self.observed, self.reaped = 0, {}, False
 
-    def __init__(self, seq, doc, task, mode, started):
-        self.seq, self.doc, self.task, self.mode = seq, doc, task, mode
-        self.started = started
-        timeout = task.timeout if task is not None else None
-        self.deadline = None if timeout is None or mode == "process" else started + timeout
+    def register(self, now):
+        self.store.register(self.id, self.info, now)
+        self.next_beat = now + HEARTBEAT_INTERVAL
 
-
-class Worker:
-    """Runs a manager's tasks: threads for mode="thread", processes for "process".
-
-    ``run()`` blocks until ``stop()`` or SIGINT/SIGTERM (in the main thread);
-    a second signal exits at once and puts running tasks back to pending.
-    """
-
-    def __init__(self, manager, workers=None, threads=None, *, target=None, imports=()):
-        self.manager = manager
-        self.workers = workers or os.cpu_count() or 1
-        self.threads = threads or self.workers * 2
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.target = target
-        self.imports = list(imports)
-        self.state = "Idle"
-        self._stop = threading.Event()
-        self._abort = threading.Event()
-        self._inbox = _Inbox(manager.path)
-        self._running = {}
-        self._abandoned = 0  # thread tasks that timed out but still hold a thread
-        self._threads = None
-        self._procs = None
-        self._more = {}  # mode -> the last claim came back full: claim again
-        self._next_eta = {}
-        self._seen = {}  # mode -> data_version when we last looked for work
-        self._next_beat = self._next_reap = 0.0
-        self._beats = 0
-        self._observed = {}  # other worker -> (heartbeat seen, our beats then)
-        self._periodic_due = {}
-        self._unrecorded = []
-
-    # Public -------------------------------------------------------------------
-
-    def stop(self, now=False):
-        """Stop claiming and finish running tasks; ``now=True`` gives them back."""
-        (self._abort if now else self._stop).set()
-        self._inbox.put(None)  # wake the loop
-
-    def busy(self):
-        """``{"thread": (busy, total), "process": (busy, total)}``."""
-        # list() copies in one step: the dashboard calls this from its thread.
-        modes = collections.Counter(run.mode for run in list(self._running.values()))
-        return {"thread": (modes["thread"] + self._abandoned, self.threads),
-                "process": (modes["process"], self.workers)}
-
-    def run(self):
-        """Serve tasks until stopped. Returns 0 after a graceful stop, 1 if forced."""
-        if os.environ.get("CASTOR_POOL_CHILD"):
-            raise CastorError("a process-pool child imported a module that starts a worker: "
-                              "put Worker(...).run() under `if __name__ == '__main__':`")
-        config = self._child_config()  # fail here, before touching signals or the store
-        restore = self._install_signals()
-        try:
-            self.state = "Running"
-            self.manager._store.register_worker(self.id, time.time())
-            self._start_pools(config)
-            logger.info("Worker %s serving %d task(s) from %s", self.id,
-                        len(self.manager._tasks), self.manager.path)
-            self._serve()
-        finally:
-            forced = self._abort.is_set()
-            self._shutdown(forced)
-            restore()
-            self.state = "Stopped"
-        return 1 if forced else 0
-
-    # Loop ---------------------------------------------------------------------
-
-    def _serve(self):
-        while not self._abort.is_set():
-            try:
-                self._tick(time.time())
-            except Exception:
-                logger.exception("worker loop error (will retry)")
-                self._abort.wait(0.5)
-            if self._stop.is_set() and self.state == "Stopping" and not (
-                    self._running or self._unrecorded):
-                return
-            self._wait(time.time())
-
-    def _tick(self, now):
-        if self._stop.is_set() and self.state == "Running":
-            self._begin_stopping(now)
-        sweep = now >= self._next_beat
-        if sweep:
-            self._housekeeping(now)
-        if not self._stop.is_set():
-            self._enqueue_periodic(now)
-        self._step(now, sweep)
-
-    def _step(self, now, sweep=False):
-        """One iteration: record finished tasks and claim new ones, one transaction."""
-        # Outcomes stay in _unrecorded until a commit holds them: a failed
-        # transaction (a file locked too long) must not lose a result.
-        self._unrecorded += self._collect() + self._expired(now)
-        finished = self._unrecorded
-        modes = [] if self._stop.is_set() else self._claimable(now, sweep)
-        if not finished and not modes:
-            return
-        store = self.manager._store
-        with store.transaction() as conn:
-            retried = self._record(conn, finished, now)
-            claimed = {mode: store.claim(conn, self.id, mode, free, now) for mode, free in modes}
-            for mode, free in modes:
-                self._more[mode] = len(claimed[mode]) == free
-                if not self._more[mode]:  # drained for now: when is the next one due?
-                    self._next_eta[mode] = store.next_eta(mode)
-        self._unrecorded = []
-        if retried:
-            self._seen.clear()  # our own commit put work back: look again
-        self._log_finished(finished)
-        for mode, _ in modes:
-            for seq, doc in claimed[mode]:
-                self._dispatch(seq, doc, mode)
-
-    def _wait(self, now):
-        """Sleep until the file changes, a task finishes, or something falls due."""
-        wake = [self._next_beat]
-        wake += [run.deadline for run in list(self._running.values()) if run.deadline]
-        if not self._stop.is_set():
-            for mode, _ in self._free_modes():
-                if self._pool(mode) is not None and self._next_eta.get(mode) is not None:
-                    wake.append(self._next_eta[mode])
-            wake += self._periodic_due.values()
-        self._inbox.wait(max(0.0, min(wake) - now))
-        if self._inbox.pending() and any(self._more.values()):
-            # A backlog: give the other running tasks a moment to finish too,
-            # so that one commit records them all.
-            self._inbox.settle(len(self._running), time.time() + GROUP_COMMIT_WINDOW)
-
-    def _collect(self):
-        """Completions from the pools: (run, reply, finished_at)."""
-        finished = []
-        for item in self._inbox.drain():
-            if item is None:
-                continue
-            task_id, reply, ended = item
-            run = self._running.pop(task_id, None)
-            if run is None:  # timed out or terminated earlier: result discarded
-                if reply.get("mode") == "thread":
-                    self._abandoned -= 1
-                continue
-            finished.append((run, reply, ended))
-        return finished
-
-    def _expired(self, now):
-        """Thread tasks past their timeout: failed now, their thread abandoned."""
-        expired = []
-        for task_id, run in list(self._running.items()):
-            if run.deadline is not None and now >= run.deadline:
-                del self._running[task_id]
-                self._abandoned += 1
-                error = _error_data(TimeoutError(
-                    f"task exceeded its timeout of {run.task.timeout:g}s "
-                    "(its thread cannot be killed; its late result will be discarded)"))
-                expired.append((run, {"ok": False, "error": error}, now))
-        return expired
-
-    def _free_modes(self):
-        busy = self.busy()
-        return [(mode, total - used) for mode, (used, total) in busy.items() if used < total]
-
-    def _claimable(self, now, sweep):
-        """Modes worth a claim now, with their free slots.
-
-        A mode whose last claim came back full is claimed again at once;
-        another only when the file changed or a scheduled task fell due. A
-        mode with no pool here is looked at only on a ``sweep`` (once a
-        second), just to fail the tasks this worker cannot run.
-        """
-        store, version, ready = self.manager._store, None, []
-        for mode, n in self._free_modes():
-            if self._more.get(mode):
-                ready.append((mode, n))
-                continue
-            if self._pool(mode) is None and not sweep:
-                continue
-            eta = self._next_eta.get(mode)
-            version = store.data_version() if version is None else version
-            if self._seen.get(mode) == version and (eta is None or eta > now):
-                continue
-            self._seen[mode] = version
-            if store.has_ready(mode, now):
-                ready.append((mode, n))
-            else:
-                self._next_eta[mode] = store.next_eta(mode)
-        return ready
-
-    def _record(self, conn, finished, now):
-        """Write outcomes; True if any task went back to pending for a retry."""
-        store, final, retried = self.manager._store, [], False
-        for run, reply, ended in finished:
-            try:
-                delay = self._retry_delay(run, reply)
-                if delay is not None:
-                    retried = True
-                    self._retry(conn, run, reply, ended, delay)
-                    continue
-                _apply_reply(run.doc, reply, ended)
-                raw = _dumps(run.doc)
-            except Exception as exc:  # one bad outcome must not block the others
-                logger.exception("Task %s: could not record its outcome", run.doc["id"][:8])
-                run.doc = _missing_doc(run.doc.get("id"), "an outcome castor could not record")
-                _apply_reply(run.doc, {"ok": False, "error": _castor_error(
-                    f"castor could not record this task's outcome: {exc!r}")}, ended)
-                raw = _dumps(run.doc)
-            final.append((run.seq, run.doc, raw))
-        if final:
-            kept = {id(doc) for doc in store.finish(conn, self.id, final, now)}
-            for _, doc, _ in final:
-                if id(doc) not in kept:
-                    logger.warning("Task %s: lease lost, result discarded", doc["id"][:8])
-        return retried
-
-    def _retry(self, conn, run, reply, ended, delay):
-        doc = run.doc
-        doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
-                   exception=reply["error"], started_at=None, retry_at=_iso(ended + delay))
-        self.manager._store.retry_later(conn, self.id, run.seq, doc, _dumps(doc), ended + delay)
-
-    def _retry_delay(self, run, reply):
-        """Seconds until the next attempt, or None when this was the last one."""
-        task, attempts = run.task, _as_int(run.doc.get("attempts")) or 1
-        if reply["ok"] or task is None or attempts > task.retries:
-            return None
-        base = task.retry_delay * 2 ** (attempts - 1)
-        return min(base * random.uniform(1.0, 1.25), MAX_SECONDS)  # jitter: no stampede
-
-    def _log_finished(self, finished):
-        for run, reply, ended in finished:
-            short, doc = run.doc["id"][:8], run.doc
-            if reply["ok"]:
-                logger.info("Task %s finished successfully in %.2fs", short,
-                            max(0.0, ended - run.started))
-            elif doc["status"] == "pending":
-                logger.warning("Task %s failed (attempt %d of %d), retrying at %s: %s", short,
-                               doc["attempts"], run.task.retries + 1, doc["retry_at"],
-                               _short_error(reply["error"]))
-            else:
-                logger.error("Task %s failed: %s", short, _short_error(reply["error"]))
-
-    def _dispatch(self, seq, doc, mode):
-        """Hand a claimed task to its pool; any problem fails that task only."""
-        task = self.manager._tasks.get(doc.get("task_name"))
-        pool = self._pool_for(task)
-        run = _Run(seq, doc, task, mode if pool is None else task.mode, time.time())
-        self._running[doc["id"]] = run
-        try:
-            problem = _job_problem(doc, task, self.target)
-            if problem is None and pool is None:
-                problem = f"{task.name} is a {task.mode} task but this worker has no {task.mode} pool"
-            if problem is not None:
-                raise CastorError(problem)
-            if logger.isEnabledFor(logging.INFO):
-                logger.info("Task %s started: %s", doc["id"][:8], _call_repr(doc))
-            pool.submit({"id": doc["id"], "name": task.name, "args": doc["args"],
-                         "kwargs": doc["kwargs"], "timeout": task.timeout})
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, CastorError) else f"could not start: {exc!r}"
-            self._inbox.put((doc["id"], {"ok": False, "error": _castor_error(message)}, time.time()))
-
-    def _pool_for(self, task):
-        return None if task is None else self._pool(task.mode)
-
-    def _pool(self, mode):
-        return self._threads if mode == "thread" else self._procs
-
-    # Housekeeping -------------------------------------------------------------
-
-    def _housekeeping(self, now):
-        store = self.manager._store
-        self._next_beat = now + HEARTBEAT_INTERVAL
-        if store.heartbeat(self.id, now):
-            self._beats += 1
+    def tick(self, now):
+        """Beat if due; True if it did (a sweep: once a second)."""
+        self.reaped = False
+        if now < self.next_beat:
+            return False
+        self.next_beat = now + HEARTBEAT_INTERVAL
+        self.store.check()
+        if self.store.heartbeat(self.id, now):
+            self.beats += 1
         else:
             logger.warning("Worker %s was taken for dead; registering again", self.id)
-            store.register_worker(self.id, now)
-        if now >= self._next_reap:
-            self._next_reap = now + REAP_INTERVAL
-            self._reap(now)
+            self.store.register(self.id, self.info, now)
+        if now >= self.next_reap:
+            self.next_reap = now + REAP_INTERVAL
+            self.reaped = self._reap(now)
+        return True
 
     def _reap(self, now):
-        """Give back the tasks of workers that are surely dead.
+        dead = _dead_workers(self.store.workers(), self.id, self.observed, self.beats, now)
+        docs = self.store.reap(dead, now, _lost)
+        for doc in docs:
+            logger.warning("Task %s: its worker died; %s", doc["id"][:8], {
+                "failed": "giving up", "cancelled": "it was cancelled"}.get(
+                    doc["status"], "back to pending"))
+        return bool(docs)
 
-        Dead means: its process is gone (same machine), or its heartbeat has
-        not moved while this worker beat LEASE_TIMEOUT seconds' worth. Wall
-        time alone is not enough: when someone holds the file locked, nobody
-        can beat, and the first to get through must not bury the others.
-        """
-        store, dead = self.manager._store, {}
-        rows = store.workers()
-        for wid, pid, host, beat in rows:
-            if wid == self.id:
+
+class _Scheduler:
+    """Enqueues periodic and cron tasks: each slot is one transaction that
+    exactly one worker wins, however many run."""
+
+    def __init__(self, store, tasks):
+        self.store, self.tasks, self.due = store, tasks, {}
+
+    def tick(self, now):
+        """Enqueue what is due; True if this worker enqueued something."""
+        if not any(self.due.get(task.name, 0) <= now for task in self.tasks):
+            return False
+        stored, fired = self.store.periodic(), False
+        for task in self.tasks:
+            if self.due.get(task.name, 0) > now:
                 continue
-            seen, beats = self._observed.get(wid, (None, None))
-            if beat != seen:
-                self._observed[wid] = (beat, self._beats)
-                beats = self._beats
-            silent = self._beats - beats >= LEASE_TIMEOUT / HEARTBEAT_INTERVAL
-            if not _alive(pid, host) or (silent and beat < now - LEASE_TIMEOUT):
-                dead[wid] = beat
-        self._observed = {wid: v for wid, v in self._observed.items()
-                          if any(wid == row[0] for row in rows)}
-        if not dead and not store.has_orphans():
-            return
-        for doc in store.reap(dead, now):
-            self._seen.clear()  # our own commit put work back: look again
-            logger.warning("Task %s: its worker died; %s", doc["id"][:8],
-                           "giving up" if doc["status"] == "failed" else "back to pending")
-
-    def _enqueue_periodic(self, now):
-        """Each period, exactly one worker wins the transaction that enqueues."""
-        store = self.manager._store
-        for task in self.manager._tasks.values():
-            if task.every is None or self._periodic_due.get(task.name, 0) > now:
+            last = stored.get(task.name)
+            fire, next_run = _next_slot(task, last, now)
+            if not fire and last is not None:
+                self.due[task.name] = next_run
                 continue
-            with store.transaction() as conn:
-                due = store.due_periodic(conn, task.name, task.every, now)
-                if due is True:
-                    doc = task._document((), {}, now, now, task.priority)
-                    store.enqueue_in(conn, [doc])
-            if due is True:
-                self._seen.clear()
-                logger.info("Periodic task %s enqueued as %s", task.name, doc["id"][:8])
+            new = task._new((), {}, now, now, task.priority) if fire else None
+            if self.store.fire_periodic(task.name, last, next_run, new) and fire:
+                logger.info("Periodic task %s enqueued as %s", task.name, new.doc["id"][:8])
+                fired = True
+            self.due.pop(task.name, None)  # read the stored slot again next time
+        return fired
+
+    def wake_at(self):
+        return min(self.due.values(), default=math.inf) if self.tasks else math.inf
+
+
+class _ClaimGate:
+    """Which modes are worth a claim now.
+
+    A mode whose last claim came back full is claimed again at once; another
+    only when the store changed or a scheduled task fell due. A mode with no
+    pool here (_NoPool) is looked at only on a sweep, once a second.
+    """
+
+    def __init__(self):
+        self.more, self.seen, self.next_eta = {}, {}, {}
+
+    def wants(self, pools, store, now, sweep):
+        """{mode: free slots} to claim for."""
+        version, wants = None, {}
+        for mode, pool in pools.items():
+            free = pool.free()
+            if free <= 0 or (pool.sweep_only and not sweep):
+                continue
+            if not self.more.get(mode):
+                eta = self.next_eta.get(mode)
+                version = store.version() if version is None else version
+                if version is not None and self.seen.get(mode) == version and (
+                        eta is None or eta > now) and not sweep:
+                    continue
+                self.seen[mode] = version
+            wants[mode] = free
+        return wants
+
+    def update(self, wants, done):
+        for mode, n in wants.items():
+            self.more[mode] = len(done.claimed.get(mode, ())) == n
+            if mode in done.idle:
+                self.next_eta[mode] = done.idle[mode]
+
+    def touch(self):
+        """Something changed that the store's version does not show (our own commit)."""
+        self.seen.clear()
+
+    def backlog(self):
+        return any(self.more.values())
+
+    def wake_at(self, pools):
+        etas = [self.next_eta.get(mode) for mode, pool in pools.items()
+                if not pool.sweep_only and pool.free() > 0]
+        return min((eta for eta in etas if eta is not None), default=math.inf)
+
+
+class _Trouble:
+    """Store errors the worker rides out: one log line when trouble starts
+    or changes and one when it ends, and a growing pause between tries."""
+
+    def __init__(self):
+        self.message, self.pause = None, STORE_BACKOFF[0]
+
+    def report(self, exc, kept):
+        """Log ``exc`` if it is news; the seconds to wait before trying again."""
+        message = str(exc) if isinstance(exc, StoreError) else repr(exc)
+        if message != self.message:
+            if isinstance(exc, StoreError):
+                logger.error("Store error: %s; keeping %d result(s), retrying until it "
+                             "works again", message, kept)
             else:
-                self._periodic_due[task.name] = due
+                logger.exception("worker loop error (will retry)")
+            self.message = message
+        pause, self.pause = self.pause, min(self.pause * 2, STORE_BACKOFF[1])
+        return pause
 
-    # Start and stop -----------------------------------------------------------
-
-    def _child_config(self):
-        if not any(t.mode == "process" for t in self.manager._tasks.values()):
-            return None
-        return _child_config(self.manager, self.target, self.imports)
-
-    def _start_pools(self, config):
-        self._threads = _ThreadPool(self.manager, self.threads, self._inbox)
-        if config is not None:
-            self._procs = _ProcessPool(config, self.workers, self._inbox)
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum, frame):
-            # Only flags here; the wakeup fd below has already woken the loop.
-            (self._abort if self._stop.is_set() else self._stop).set()
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        previous_fd = signal.set_wakeup_fd(self._inbox.wakeup_fd)
-
-        def restore():
-            signal.set_wakeup_fd(previous_fd)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return restore
-
-    def _begin_stopping(self, now):
-        """Stop claiming; daemon tasks are terminated, critical ones awaited."""
-        self.state = "Stopping"
-        logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
-                    sum(1 for r in self._running.values() if not (r.task and r.task.daemon)))
-        daemons = [run for run in self._running.values() if run.task and run.task.daemon]
-        for run in daemons:
-            del self._running[run.doc["id"]]
-            if run.mode == "process":
-                self._procs.kill(run.doc["id"])
-            else:
-                self._abandoned += 1
-        self._unrecorded += [
-            (run, {"ok": False, "error": _castor_error("terminated at shutdown")}, now)
-            for run in daemons]
-
-    def _shutdown(self, forced):
-        """Leave nothing behind: children killed, outcomes kept, the rest given back."""
-        if self._procs is not None:
-            self._procs.close(kill=forced)
-        store = self.manager._store
-        try:
-            self._unrecorded += self._collect()
-            if self._unrecorded:
-                with store.transaction() as conn:
-                    self._record(conn, self._unrecorded, time.time())
-                self._log_finished(self._unrecorded)
-            with store.transaction() as conn:
-                requeued = store.requeue_owned(conn, [self.id], time.time(), loss=0)
-            if requeued:
-                logger.warning("Exiting now: %d running task(s) back to pending", len(requeued))
-            store.deregister_worker(self.id)
-        except Exception:  # even then: close up, other workers will take over
-            logger.exception("could not give back running tasks; other workers will")
-        self._inbox.close()
-        logger.info("Worker %s stopped", self.id)
+    def clear(self, kept):
+        if self.message is not None:
+            logger.warning("Store usable again; %d result(s) waiting are being recorded", kept)
+            self.message, self.pause = None, STORE_BACKOFF[0]
 
 
-def _job_problem(doc, task, target):
-    """Why a claimed task cannot run here, or None."""
-    if doc.get("corrupt") is not None:
-        return f"the task document is corrupt: {doc['corrupt']!r}"
-    if task is None:
-        where = target or "the manager's module"
-        return (f"unknown task {doc.get('task_name')!r}: this worker has no such task. "
-                f"Register it by importing its module from {where}, or start the worker "
-                "with --import MODULE")
-    if not isinstance(doc.get("args"), list) or not isinstance(doc.get("kwargs"), dict):
-        return f"the task document has bad args/kwargs: {doc.get('args')!r}, {doc.get('kwargs')!r}"
-    return None
-
-
-def _short_error(err):
-    return f"{err.get('qualname')}: {err.get('message')}"
-
-
-def _call_repr(doc):
-    parts = [repr(a) for a in doc["args"]] + [f"{k}={v!r}" for k, v in doc["kwargs"].items()]
-    text = f"{doc['task_name']}({', '.join(parts)})"
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-# Worker: waking up ###########################################################
+# Worker: waking up ############################################################
 #
 # An idle worker must start a new task within milliseconds yet cost almost no
-# CPU. It sleeps in select() on two file descriptors: a pipe that the pools
-# (and, through set_wakeup_fd, signals) write to when there is news, and an
-# inotify watch on the database's directory, which fires when any process
-# commits to the file (a commit writes the WAL). Where inotify is missing the
-# worker polls every IDLE_POLL seconds instead.
+# CPU. It sleeps in select() on a pipe that the pools (and, through
+# set_wakeup_fd, signals) write to when there is news, and on the store's
+# watch: for the beaver file an inotify watch on its directory, which fires
+# when any process commits (a commit writes the WAL); for PostgreSQL the
+# socket of a connection that LISTENs. With no watch the worker polls every
+# IDLE_POLL seconds instead.
 
 
 class _Inbox:
-    """Completed tasks, plus a way to sleep until there is news."""
+    """Ended runs, plus a way to sleep until there is news."""
 
-    def __init__(self, db_path):
+    def __init__(self):
         self._items = collections.deque()
         self._sleeping = False  # only a sleeping loop needs a byte in the pipe
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
-        self._watch = _inotify_watch(os.path.dirname(db_path))
+        self.watch = None  # the store's: fileno() and drain()
 
     @property
     def wakeup_fd(self):
@@ -1523,7 +2558,7 @@ class _Inbox:
     def put(self, item):
         self._items.append(item)  # deque.append is thread-safe
         if self._sleeping:  # see _sleep: one of the two always sees the other
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._write, b"!")
 
     def pending(self):
@@ -1544,10 +2579,10 @@ class _Inbox:
         return items
 
     def wait(self, timeout):
-        fds = [self._read] if self._watch is None else [self._read, self._watch]
-        if self._watch is None:
-            timeout = min(timeout, IDLE_POLL)
-        self._sleep(fds, timeout)
+        if self.watch is None:
+            self._sleep([self._read], min(timeout, IDLE_POLL))
+        else:
+            self._sleep([self._read, self.watch], timeout)
 
     def _sleep(self, fds, timeout, have=0):
         """select() on ``fds`` unless more than ``have`` items are in; True if woken."""
@@ -1560,60 +2595,340 @@ class _Inbox:
             ready, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._sleeping = False
-        for fd in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(fd, 65536):
-                    pass
+        for source in ready:
+            if source is self._read:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._read, 65536):
+                        pass
+            else:
+                source.drain()
         return bool(ready)
 
     def close(self):
-        for fd in (self._read, self._write, self._watch):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.watch is not None:
+            self.watch.close()
 
 
-def _inotify_watch(directory):
-    """A non-blocking inotify fd that becomes readable when files in
-    ``directory`` are written, or None where inotify is not available."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, AttributeError):
+class _InotifyWatch:
+    """Readable when files in a directory are written (Linux inotify)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    @classmethod
+    def open(cls, directory):
+        """A watch on ``directory``, or None where inotify is not available."""
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        in_modify, in_create, in_moved_to = 0x2, 0x100, 0x80
+        mask = in_modify | in_create | in_moved_to
+        if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def fileno(self):
+        return self.fd
+
+    def drain(self):
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+# Worker: pools ################################################################
+#
+# One pool class per execution mode. A pool owns everything about its mode:
+# starting, running, timeouts, cancelling, daemon tasks at shutdown. Every run
+# it is given ends as exactly one (task_id, reply, ended) in the inbox, in the
+# reply shape of "Running a task"; after close(kill=True) runs end silently,
+# and the worker gives them back to pending.
+
+
+class _Pool:
+    """An execution mode's pool of slots."""
+
+    mode = None
+    #: A pool that only fails what it is given (_NoPool): claimed for once a second.
+    sweep_only = False
+
+    def __init__(self, size, inbox):
+        self.size, self.inbox = size, inbox
+
+    def start(self):
+        """Start threads, processes or a loop."""
+
+    def busy(self):
+        """Slots in use (a thread still stuck in an abandoned run counts)."""
+        raise NotImplementedError
+
+    def free(self):
+        return self.size - self.busy()
+
+    def submit(self, run):
+        raise NotImplementedError
+
+    def cancel(self, run):
+        """Stop a run someone cancelled; it ends as cancelled."""
+        raise NotImplementedError
+
+    def stop_daemons(self, runs):
+        """At shutdown: end these daemon=True runs now."""
+        raise NotImplementedError
+
+    def tick(self, now):
+        """End the runs past a deadline the mode cannot enforce by itself."""
+
+    def wake_at(self):
+        """When the pool needs tick() next (a deadline it watches), or None."""
         return None
-    if fd < 0:
-        return None
-    in_modify, in_create, in_moved_to = 0x2, 0x100, 0x80
-    if libc.inotify_add_watch(fd, os.fsencode(directory), in_modify | in_create | in_moved_to) < 0:
-        os.close(fd)
-        return None
-    return fd
+
+    def close(self, kill):
+        """Let go of everything; ``kill``: a forced exit, runs end silently."""
+
+    def post(self, run, reply):
+        self.inbox.put((run.id, reply, time.time()))
 
 
-# Worker: thread pool ##########################################################
+def _cancelled_reply():
+    return {"ok": False, "cancelled": True,
+            "error": _verdict("cancelled while running", "Cancelled")}
 
 
-class _ThreadPool:
-    """Daemon threads, so a forced exit never waits on a hung task."""
+class _NoPool(_Pool):
+    """A mode this worker has no task of: what is claimed fails, clearly."""
 
-    def __init__(self, manager, size, done):
-        self.manager, self.done = manager, done
+    sweep_only = True
+
+    def __init__(self, mode, inbox):
+        super().__init__(1, inbox)
+        self.mode = mode
+
+    def busy(self):
+        return 0
+
+    def submit(self, run):
+        self.post(run, _failed(f"{run.doc.get('task_name')} is a {self.mode} task but this "
+                               f"worker has no {self.mode} tasks registered"))
+
+    def cancel(self, run):
+        pass
+
+    def stop_daemons(self, runs):
+        pass
+
+
+class _ThreadPool(_Pool):
+    """Daemon threads, so a forced exit never waits on a hung task.
+
+    Python cannot kill a thread: a run past its timeout, or a daemon run at
+    shutdown, is ended at once and its thread abandoned (still counted busy)
+    until the function returns; its late result is dropped. A cancel only
+    raises the task's ``cancelled`` flag (cooperative).
+    """
+
+    mode = "thread"
+
+    def __init__(self, manager, size, inbox):
+        super().__init__(size, inbox)
+        self.limit = manager.max_payload
         self.jobs = queue.Queue()
-        for n in range(size):
+        self._lock = threading.Lock()
+        self._runs = {}  # id -> [run, started?], until its reply is posted
+        self._abandoned = 0
+
+    def start(self):
+        for n in range(self.size):
             threading.Thread(target=self._serve, name=f"castor-thread-{n}", daemon=True).start()
 
-    def submit(self, job):
-        self.jobs.put(job)
+    def busy(self):
+        return len(self._runs) + self._abandoned
+
+    def submit(self, run):
+        with self._lock:
+            self._runs[run.id] = [run, False]
+        self.jobs.put(run)
+
+    def cancel(self, run):
+        run.ctx._cancel.set()
+        with self._lock:
+            queued = run.id in self._runs and not self._runs[run.id][1]
+        if queued:
+            self._end(run, _cancelled_reply())
+
+    def stop_daemons(self, runs):
+        for run in runs:
+            self._end(run, _failed("terminated at shutdown"))
+
+    def wake_at(self):
+        deadlines = [run.deadline for run, _ in list(self._runs.values()) if run.deadline]
+        return min(deadlines, default=None)
+
+    def tick(self, now):
+        """End the runs past their timeout."""
+        for run, _ in list(self._runs.values()):
+            if run.deadline is not None and now >= run.deadline:
+                self._end(run, _failure(TimeoutError(
+                    f"task exceeded its timeout of {run.task.timeout:g}s (its thread cannot "
+                    "be killed; its late result will be discarded)")))
 
     def _serve(self):
         while True:
-            job = self.jobs.get()
+            run = self.jobs.get()
+            with self._lock:
+                if run.id not in self._runs:
+                    continue  # ended before it started
+                self._runs[run.id][1] = True
             try:
-                reply = _execute(self.manager._tasks[job["name"]], job["args"], job["kwargs"])
-            except BaseException as exc:  # every job must report, whatever happens
-                reply = {"ok": False, "error": _castor_error(f"the task crashed castor: {exc!r}")}
-            reply["mode"] = "thread"
-            self.done.put((job["id"], reply, time.time()))
+                reply = _execute(run.task, run.doc["args"], run.doc["kwargs"], run.ctx,
+                                 self.limit)
+            except BaseException as exc:  # every run must end, whatever happens
+                reply = _failed(f"the task crashed castor: {exc!r}")
+            self._end(run, reply, by_thread=True)
+
+    def _end(self, run, reply, by_thread=False):
+        """Post a run's reply once: the first of its thread and castor wins."""
+        with self._lock:
+            entry = self._runs.pop(run.id, None)
+            if entry is None:  # its reply went out already
+                if by_thread:
+                    self._abandoned -= 1
+                return
+            if entry[1] and not by_thread:  # its thread runs on, abandoned
+                self._abandoned += 1
+        self.post(run, reply)
+
+
+class _AsyncPool(_Pool):
+    """One event loop in a thread of its own, ``size`` coroutines at once.
+
+    Heartbeats and claims never run on it, so a coroutine that blocks the
+    loop stalls only the other coroutines; a watchdog says which one.
+    """
+
+    mode = "async"
+
+    def __init__(self, manager, size, inbox):
+        super().__init__(size, inbox)
+        self.limit = manager.max_payload
+        self._runs, self._tasks, self._endings = {}, {}, {}
+        self._loop = self._thread = None
+        self._beat = time.monotonic()
+        self._closed = threading.Event()
+        self._silent = False  # a forced exit: cancelled runs go back to pending
+
+    def start(self):
+        import asyncio
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="castor-async", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._watch_loop, name="castor-async-watch", daemon=True).start()
+
+    def busy(self):
+        return len(self._runs)
+
+    def submit(self, run):
+        self._runs[run.id] = run
+        self._loop.call_soon_threadsafe(self._begin, run)
+
+    def cancel(self, run):
+        run.ctx._cancel.set()
+        self._end_early(run, _cancelled_reply())
+
+    def stop_daemons(self, runs):
+        for run in runs:
+            self._end_early(run, _failed("cancelled at shutdown"))
+
+    def close(self, kill):
+        self._silent = kill
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop_loop)
+            self._thread.join(timeout=5)
+        self._closed.set()
+
+    # On the loop ----------------------------------------------------------------
+
+    def _run_loop(self):
+        self._loop.call_soon(self._tick)
+        self._loop.run_forever()
+
+    def _tick(self):
+        self._beat = time.monotonic()
+        self._loop.call_later(0.1, self._tick)
+
+    def _begin(self, run):
+        coro = self._execute(run)
+        self._tasks[run.id] = self._loop.create_task(coro, name=f"{run.doc['task_name']} "
+                                                                f"(task {run.id[:8]})")
+
+    async def _execute(self, run):
+        import asyncio
+        try:
+            reply = await _execute_async(run.task, run.doc["args"], run.doc["kwargs"], run.ctx,
+                                         self.limit)
+        except asyncio.CancelledError:
+            reply = self._endings.get(run.id)  # None: a forced exit, given back
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt from a coroutine
+            reply = _failure(exc)
+        self._endings.pop(run.id, None)
+        self._tasks.pop(run.id, None)
+        self._runs.pop(run.id, None)
+        if reply is not None and not self._silent:
+            self.post(run, reply)
+
+    def _cancel_task(self, task_id):
+        task = self._tasks.get(task_id)
+        if task is not None:
+            task.cancel()
+
+    async def _drain(self):
+        import asyncio
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=2)
+        self._loop.stop()
+
+    def _stop_loop(self):
+        if self._tasks:
+            self._loop.create_task(self._drain())
+        else:
+            self._loop.stop()
+
+    # Elsewhere ------------------------------------------------------------------
+
+    def _end_early(self, run, reply):
+        self._endings[run.id] = reply
+        self._loop.call_soon_threadsafe(self._cancel_task, run.id)
+
+    def _watch_loop(self):
+        """Warn when a coroutine blocks the loop, naming it."""
+        import asyncio
+        warned = False
+        while not self._closed.wait(LOOP_BLOCKED_AFTER / 4):
+            stalled = time.monotonic() - self._beat
+            if stalled < LOOP_BLOCKED_AFTER:
+                warned = False
+            elif not warned and self._loop.is_running():
+                task = asyncio.current_task(self._loop)
+                logger.warning("The async event loop has been blocked for %.1fs by %s: an "
+                               "async task is running blocking code (await it, or use "
+                               "mode='thread')", stalled,
+                               task.get_name() if task is not None else "a callback")
+                warned = True
 
 
 # Worker: process pool #########################################################
@@ -1622,40 +2937,71 @@ class _ThreadPool:
 # a bare fork of this threaded process) in a session of its own, so a terminal's
 # Ctrl+C reaches only the worker, which decides what happens to the children.
 # A child imports the same modules the worker did and finds tasks by name in
-# its own registry. It never opens the database: it reads a job as a JSON line
-# on stdin and writes the reply as a JSON line on its original stdout (the
-# task's own prints go to stderr). The slot kills and replaces its child when a
-# task times out or the child dies.
+# its own registry. It never opens the store: it reads a job as a JSON line on
+# stdin and writes progress and then the reply as JSON lines on its original
+# stdout (the task's own prints go to stderr). The slot kills and replaces its
+# child when a task times out, is cancelled, or the child dies.
 
 
-class _ProcessPool:
-    def __init__(self, config, size, done):
+class _ProcessPool(_Pool):
+    mode = "process"
+
+    def __init__(self, config, size, inbox):
+        super().__init__(size, inbox)
+        self.config = config
         self.jobs = queue.Queue()
-        self.cancelled = set()  # ids of queued jobs that must not start
-        self.slots = [_ProcessSlot(self, config, done, n) for n in range(size)]
+        self.runs = {}     # id -> run, until its reply is posted
+        self.endings = {}  # id -> the reply of a run castor ends early
+        self.silent = False
+        self.slots = [_ProcessSlot(self, n) for n in range(size)]
+
+    def start(self):
         for slot in self.slots:
             slot.start()
 
-    def submit(self, job):
-        self.jobs.put(job)
+    def busy(self):
+        return len(self.runs)
 
-    def kill(self, task_id):
-        self.cancelled.add(task_id)
-        for slot in self.slots:
-            if slot.current == task_id:
-                slot.kill_child()
+    def submit(self, run):
+        self.runs[run.id] = run
+        self.jobs.put(run)
 
-    def close(self, kill=False):
-        for slot in self.slots:
+    def cancel(self, run):
+        run.ctx._cancel.set()
+        self._end_early(run, _cancelled_reply())
+
+    def stop_daemons(self, runs):
+        for run in runs:
+            self._end_early(run, _failed("terminated at shutdown"))
+
+    def close(self, kill):
+        self.silent = kill
+        for _ in self.slots:
             self.jobs.put(None)
         for slot in self.slots:
             slot.stop(kill)
 
+    def post(self, run, reply):
+        self.runs.pop(run.id, None)
+        self.endings.pop(run.id, None)
+        if not self.silent:
+            super().post(run, reply)
+
+    def _end_early(self, run, reply):
+        if run.id not in self.runs:
+            return
+        # endings first, then the look at current: the slot sets current
+        # first, then looks at endings, so one of the two sees the other.
+        self.endings[run.id] = reply
+        for slot in self.slots:
+            if slot.current == run.id:
+                slot.kill_child()
+
 
 class _ProcessSlot(threading.Thread):
-    def __init__(self, pool, config, done, n):
+    def __init__(self, pool, n):
         super().__init__(name=f"castor-process-{n}", daemon=True)
-        self.pool, self.config, self.jobs, self.done = pool, config, pool.jobs, done
+        self.pool = pool
         self.child = None
         self.current = None
         self.closing = False
@@ -1666,43 +3012,50 @@ class _ProcessSlot(threading.Thread):
             # Warm up (again) before the next task: a new child takes a while.
             with contextlib.suppress(Exception):
                 self._ensure_child()
-            job = self.jobs.get()
-            if job is None:
+            run = self.pool.jobs.get()
+            if run is None:
                 return
-            # current first, then the check: kill() adds to cancelled first,
-            # then looks at current, so one of the two always sees the other.
-            self.current = job["id"]
-            if job["id"] in self.pool.cancelled:
-                self.current = None
-                continue
-            reply = self._run_job(job)
-            reply["mode"] = "process"
+            self.current = run.id
+            reply = None if run.id in self.pool.endings else self._run_job(run)
             self.current = None
-            self.done.put((job["id"], reply, time.time()))
+            self.pool.post(run, self.pool.endings.get(run.id) or reply)
 
-    def _run_job(self, job):
+    def _run_job(self, run):
+        job = {"id": run.id, "name": run.task.name, "args": run.doc["args"],
+               "kwargs": run.doc["kwargs"], "attempt": run.ctx.attempt,
+               "limit": self.pool.config["limit"]}
         try:
             child = self._ensure_child()
             child.stdin.write((_dumps(job) + "\n").encode())
             child.stdin.flush()
         except (OSError, CastorError) as exc:
             self.kill_child()
-            return {"ok": False, "error": _castor_error(f"could not start the task's process: {exc}")}
-        line = self._read_line(child, job["timeout"])
-        if line is None:
-            self.kill_child()
-            return {"ok": False, "error": _error_data(TimeoutError(
-                f"task exceeded its timeout of {job['timeout']:g}s; its process was killed"))}
-        if not line:
-            code = child.wait()
-            self.child = None
-            return {"ok": False, "error": _castor_error(
-                f"the task's process died ({_exit_reason(code)}); the pool replaced it")}
-        return json.loads(line)
+            return _failed(f"could not start the task's process: {exc}")
+        return self._await_reply(child, run)
 
-    def _read_line(self, child, timeout):
-        """A reply line; None on timeout; b"" when the child died."""
+    def _await_reply(self, child, run):
+        """Read progress lines until the reply; kill the child past the deadline."""
+        timeout = run.task.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            line = self._read_line(child, deadline)
+            if line is None:
+                self.kill_child()
+                return _failure(TimeoutError(
+                    f"task exceeded its timeout of {timeout:g}s; its process was killed"))
+            if not line:
+                code = child.wait()
+                self.child = None
+                return _failed(f"the task's process died ({_exit_reason(code)}); "
+                               "the pool replaced it")
+            message = json.loads(line)
+            if "progress" in message:
+                run.ctx._progress, run.ctx._dirty = message["progress"], True
+            if "ok" in message:
+                return message
+
+    def _read_line(self, child, deadline):
+        """A line; None past the deadline; b"" when the child died."""
         fd = child.stdout.fileno()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -1718,7 +3071,7 @@ class _ProcessSlot(threading.Thread):
                 return self.child
             if self.closing:
                 raise CastorError("the worker is shutting down")
-            self.child = _spawn_child(self.config)
+            self.child = _spawn_child(self.pool.config)
             return self.child
 
     def kill_child(self):
@@ -1731,6 +3084,7 @@ class _ProcessSlot(threading.Thread):
             child.wait()
 
     def stop(self, kill):
+        import subprocess
         self.closing = True
         if not kill:
             self.join(timeout=5)
@@ -1738,16 +3092,15 @@ class _ProcessSlot(threading.Thread):
         if child is not None:
             with contextlib.suppress(OSError):
                 child.stdin.close()  # a child between tasks exits on EOF
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=0 if kill else 2)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill_child()
 
 
 def _spawn_child(config):
-    here = os.path.dirname(os.path.abspath(__file__))
-    boot = f"import sys; sys.path.insert(0, {here!r}); import castor; castor._child_main()"
+    import subprocess
+    boot = (f"import sys; sys.path.insert(0, {_own_root()!r}); import importlib; "
+            f"importlib.import_module({_own_name()!r})._child_main()")
     child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              start_new_session=True, env=dict(os.environ, CASTOR_POOL_CHILD="1"))
@@ -1759,6 +3112,14 @@ def _spawn_child(config):
         child.wait()
         raise CastorError(hello["fatal"])
     return child
+
+
+def _own_root():
+    """The sys.path entry this module is imported from, by its own name."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    for _ in range(_own_name().count(".")):
+        root = os.path.dirname(root)
+    return root
 
 
 def _exit_reason(code):
@@ -1773,7 +3134,7 @@ def _child_config(manager, target, imports):
     and where they were found (sys.path may have changed since)."""
     target = target or _locate(manager)
     roots = [_module_root(sys.modules.get(name)) for name in [target.partition(":")[0], *imports]]
-    return {"target": target, "imports": list(imports),
+    return {"target": target, "imports": list(imports), "limit": manager.max_payload,
             "path": [p for p in [*roots, *sys.path] if p]}
 
 
@@ -1805,34 +3166,54 @@ def _child_main():
     """Entry point of a pool child: run jobs from stdin until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown is the worker's call
     config = json.loads(sys.argv[-1])
-    replies = os.fdopen(os.dup(1), "w")
+    out = _ChildOut(os.fdopen(os.dup(1), "w"))
     os.dup2(2, 1)  # the tasks' prints must not corrupt the replies
     sys.path[:0] = [p for p in config["path"] if p not in sys.path]
     _watch_parent(os.getppid())  # before the user's code, which could hang
     try:
-        manager = _load_target(config["target"], config["imports"])
+        manager = _load_app(config["target"], config["imports"])
     except BaseException as exc:  # report any import failure to the parent
-        replies.write(_dumps({"fatal": f"{type(exc).__name__}: {exc}"}) + "\n")
-        replies.flush()
+        out.send({"fatal": f"{type(exc).__name__}: {exc}"})
         return
-    replies.write('{"ready":true}\n')
-    replies.flush()
+    out.send({"ready": True})
     for line in sys.stdin.buffer:
-        replies.write(_child_reply(manager, line) + "\n")
-        replies.flush()
+        out.send(_child_run(manager, line, out, config["limit"]))
 
 
-def _child_reply(manager, line):
-    """Run one job line in a pool child; always a reply line, whatever happens."""
+def _child_run(manager, line, out, limit):
+    """Run one job line in a pool child; always a reply, whatever happens."""
     try:
         job = json.loads(line)
         task = manager._tasks.get(job["name"])
         if task is None:
-            return _dumps({"ok": False, "error": _castor_error(
-                f"unknown task {job['name']!r} in the process pool")})
-        return _dumps(_execute(task, job["args"], job["kwargs"]))
+            return _failed(f"unknown task {job['name']!r} in the process pool")
+        ctx = TaskContext(job["id"], job["name"], job["attempt"], report=out.progress)
+        reply = _execute(task, job["args"], job["kwargs"], ctx, job.get("limit", limit))
+        if ctx._progress is not None:
+            reply["progress"] = ctx._progress
+        return reply
     except BaseException as exc:
-        return _dumps({"ok": False, "error": _castor_error(f"the task crashed castor: {exc!r}")})
+        return _failed(f"the task crashed castor: {exc!r}")
+
+
+class _ChildOut:
+    """A pool child's replies and progress, one JSON line each."""
+
+    def __init__(self, stream):
+        self.stream, self.lock, self.last = stream, threading.Lock(), 0.0
+
+    def send(self, message):
+        with self.lock:
+            self.stream.write(_dumps(message) + "\n")
+            self.stream.flush()
+
+    def progress(self, ctx):
+        # Coalesced: the worker writes it to the store at most every
+        # PROGRESS_INTERVAL anyway, and the reply carries the last one.
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_INTERVAL / 5:
+            self.last = now
+            self.send({"id": ctx.id, "progress": ctx._progress})
 
 
 def _watch_parent(parent):
@@ -1968,7 +3349,7 @@ class _Dashboard:
         counts = manager.counts()  # counters and partial indexes, no scan
         return {
             "version": __version__, "target": self.target, "state": self.worker.state,
-            "busy": self.worker.busy(), "counts": counts,
+            "busy": self.worker.busy(), "counts": counts, "problem": self.worker.problem,
             "rate": self.rate.update(clock, counts["success"] + counts["failed"]),
             "tasks": _latest(manager, layout.body),
             "logs": self.logs.tail(layout.log_rows), "now": now,
@@ -1995,8 +3376,11 @@ class _Dashboard:
         """No echo of keys (^C included) over the screen; keys typed meanwhile
         are dropped on exit rather than handed to the shell."""
         try:
+            import termios  # POSIX only
             fd = sys.stdin.fileno()
             saved = termios.tcgetattr(fd)
+        except ImportError:
+            return lambda: None
         except (AttributeError, ValueError, OSError, termios.error):
             return lambda: None  # stdin is not a terminal: nothing to quiet
         if not _in_foreground(fd):
@@ -2085,7 +3469,7 @@ class _Layout:
         self.left = min(_STATS_WIDTH, max(0, (cols - 7) // 2))
         self.right = max(0, cols - 7 - self.left)
         room = max(0, rows - 8)
-        self.body = max(6, room // 2)  # the stats need six lines
+        self.body = max(7, room // 2)  # the stats need seven lines
         self.log_rows = max(0, room - self.body)
 
 
@@ -2153,6 +3537,8 @@ def _wide(row, cols, color):
 
 def _header(view, cols):
     state, sgr = _STATE_TEXT.get(view["state"], (view["state"], ""))
+    if view.get("problem"):  # the log panel says what; the header says that
+        state, sgr = "Store error, retrying", "1;31"
     head = [(" C Λ S T O R", "1"), (f" v{view['version']}", "2"), (" | Manager: ", "")]
     tail = [(" | Status: ", ""), (state, sgr)]
     # The target gives way first, so the status shows on any width.
@@ -2172,8 +3558,9 @@ def _bottom_rule(state, cols):
 def _stats_rows(view):
     counts, busy = view["counts"], view["busy"]
     return [
-        [("Process Tasks: ", ""), ("%d / %d" % busy["process"], "1;32")],
-        [("Thread Tasks:  ", ""), ("%d / %d" % busy["thread"], "1;32")],
+        [("Process Tasks: ", ""), ("%d / %d" % busy.get("process", (0, 0)), "1;32")],
+        [("Thread Tasks:  ", ""), ("%d / %d" % busy.get("thread", (0, 0)), "1;32")],
+        [("Async Tasks:   ", ""), ("%d / %d" % busy.get("async", (0, 0)), "1;32")],
         [("Pending Queue: ", ""), (f"{counts['pending']:,}", "1;36")],
         [("Total Done:    ", ""), (f"{counts['success']:,}", "1")],
         [("Failed:        ", ""), (f"{counts['failed']:,}", "1;31" if counts["failed"] else "1")],
@@ -2185,10 +3572,21 @@ def _task_row(doc, now, width):
     """``c4a3f2b1 SUCCESS   tasks.send_email   0.02s``, fitted to ``width``."""
     status = str(doc.get("status"))
     name_room = max(0, width - 27)  # id 8, status 9, duration 7, 3 spaces
+    done = _percent(doc) if status == "running" else ""
+    name = _short_name(str(doc.get("task_name")), max(0, name_room - len(done)))
     return [(str(doc.get("id"))[:8], "2"), (" ", ""),
             (status.upper().ljust(9), _STATUS_SGR.get(status, "")), (" ", ""),
-            (_short_name(str(doc.get("task_name")), name_room).ljust(name_room), ""),
+            ((name + done).ljust(name_room), ""),
             (" " + _duration(doc, now).rjust(7), "")]
+
+
+def _percent(doc):
+    """`` 42%`` for a running task that reported progress out of a total."""
+    progress = doc.get("progress")
+    try:
+        return f" {min(100, max(0, int(100 * progress['done'] / progress['total']))):d}%"
+    except (TypeError, KeyError, ZeroDivisionError, ValueError, OverflowError):
+        return ""
 
 
 def _short_name(name, room):
@@ -2272,6 +3670,7 @@ def _width(text):
 
 
 def _char_width(char):
+    import unicodedata
     if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
         return 0
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
@@ -2284,7 +3683,71 @@ def _clean(text):
     return "".join(c if c.isprintable() else " " for c in text)
 
 
+class _WebApp:
+    def __init__(self, manager, auth=None):
+        raise CastorError("TODO")
+
+
+def _serve_web(manager, host, port, auth):
+    raise CastorError("TODO")
+
+
 # CLI ##########################################################################
+#
+# ``castor MODULE:VARIABLE`` runs a worker; ``castor COMMAND MODULE:VARIABLE``
+# inspects and operates the store. Usage errors exit 2 with one line on
+# stderr; "not found" exits 1.
+
+#: The inspection commands, beside the worker command.
+_COMMAND_HELP = {
+    "tasks": "list tasks, newest first",
+    "info": "show one task's document",
+    "retry": "run failed or cancelled tasks again",
+    "cancel": "cancel pending or running tasks",
+    "prune": "delete finished tasks older than a given age",
+    "stats": "counts, workers and periodic tasks",
+    "web": "serve the web view",
+}
+
+
+def main(argv=None):
+    """The ``castor`` command; returns its exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in _COMMAND_HELP else None
+    args = _parser(command).parse_args(argv[1:] if command else argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like python -m: the project is importable
+    try:
+        manager = _load_app(args.target, args.imports)
+    except _UsageError as exc:
+        sys.stderr.write(f"castor: error: {exc}\n")
+        return 2
+    except _OpenFailed as exc:
+        sys.stderr.write(f"castor: error: {exc}\n")
+        return 1
+    if not isinstance(manager, Manager):  # the app uses another copy of castor
+        return sys.modules[type(manager).__module__].main(argv)
+    return _COMMANDS[command or "worker"](manager, args)
+
+
+def _load_app(target, imports=()):
+    """``_load_target``, retried while a brand-new database file is "locked".
+
+    Processes that open a new beaver file at the same moment race to switch
+    it to WAL; SQLite fails the losers at once, whatever the busy timeout.
+    """
+    deadline, pause = time.monotonic() + OPEN_RETRY_TIMEOUT, 0.02
+    while True:
+        try:
+            return _load_target(target, imports)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise _OpenFailed(f"could not open the app's database: {exc} (still, after "
+                                  f"{OPEN_RETRY_TIMEOUT:g}s of retries)") from None
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 2, 0.5)
 
 
 def _load_target(target, imports=()):
@@ -2300,12 +3763,13 @@ def _load_target(target, imports=()):
         if not hasattr(obj, part):
             raise _UsageError(f"module {module_name!r} has no variable {attr!r}")
         obj = getattr(obj, part)
-    if not isinstance(obj, Manager):
+    if not getattr(type(obj), "_castor_manager", False):
         raise _UsageError(f"{target} is a {type(obj).__name__}, not a castor.Manager")
     return obj
 
 
 def _import(name):
+    import importlib
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -2315,28 +3779,96 @@ def _import(name):
         raise
 
 
-def _parser():
-    parser = _OneLineParser(
-        prog="castor", description="Run a castor worker for MODULE:VARIABLE (a Manager).")
+def _parser(command):
+    if command is None:
+        parser = _parser_class()(
+            prog="castor", description="Run a castor worker for MODULE:VARIABLE (a Manager). "
+            f"Other commands: {', '.join(_COMMAND_HELP)} (castor COMMAND --help).")
+    else:
+        parser = _parser_class()(prog=f"castor {command}", description=_COMMAND_HELP[command])
     parser.add_argument("target", metavar="MODULE:VARIABLE", help="e.g. main:manager")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="also import MODULE to register its tasks")
+    _ARGUMENTS[command or "worker"](parser)
+    return parser
+
+
+@functools.cache
+def _parser_class():
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        """argparse, but a usage error is one line and exit status 2."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    return OneLineParser
+
+
+def _worker_arguments(parser):
     parser.add_argument("--workers", type=_count, default=None,
                         help="processes for mode='process' tasks (default: CPU count)")
     parser.add_argument("--threads", type=_count, default=None,
                         help="threads for mode='thread' tasks (default: workers * 2)")
-    parser.add_argument("--import", dest="imports", action="append", default=[],
-                        metavar="MODULE", help="also import MODULE to register its tasks")
+    parser.add_argument("--async-tasks", type=_count, default=ASYNC_TASKS,
+                        help=f"mode='async' tasks at once (default: {ASYNC_TASKS})")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="show a live dashboard in the terminal")
+    _log_level_argument(parser)
     parser.add_argument("--version", action="version", version=f"castor {__version__}")
-    return parser
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"castor: error: {message} (see castor --help)\n")
+def _log_level_argument(parser):
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="castor's log level (default: INFO)")
+
+
+def _tasks_arguments(parser):
+    parser.add_argument("--status", choices=STATUSES, help="only tasks of this status")
+    parser.add_argument("--name", help="only tasks of this name (module.function)")
+    parser.add_argument("--limit", type=_count, default=20, help="at most this many (20)")
+    _json_argument(parser)
+
+
+def _info_arguments(parser):
+    parser.add_argument("id", help="the task id")
+    _json_argument(parser)
+
+
+def _retry_arguments(parser):
+    parser.add_argument("ids", nargs="*", metavar="ID", help="task ids")
+    parser.add_argument("--failed", action="store_true", help="every failed task")
+    parser.add_argument("--cancelled", action="store_true", help="every cancelled task")
+    parser.add_argument("--name", help="with --failed or --cancelled: only this task name")
+    _json_argument(parser)
+
+
+def _cancel_arguments(parser):
+    parser.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    _json_argument(parser)
+
+
+def _prune_arguments(parser):
+    parser.add_argument("--older-than", required=True, type=_age, metavar="AGE",
+                        help="finished longer ago than this: 3600, 90s, 15m, 12h, 7d, 2w")
+    _json_argument(parser)
+
+
+def _web_arguments(parser):
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (8000)")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", type=_credentials,
+                        help="require HTTP basic authentication (or set CASTOR_WEB_AUTH)")
+    _log_level_argument(parser)
+
+
+def _json_argument(parser):
+    parser.add_argument("--json", action="store_true", help="JSON for scripts")
 
 
 def _count(text):
+    import argparse
     try:
         value = int(text)
     except ValueError:
@@ -2346,15 +3878,63 @@ def _count(text):
     return value
 
 
-def _setup_logging():
-    # The CLI owns this process's logging: skip what a log line does not show
-    # (caller, thread, process), which costs more than the line itself.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+#: Units of ``--older-than``, in seconds.
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _age(text):
+    import argparse
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _AGE_UNITS else text
+    try:
+        seconds = float(number) * _AGE_UNITS.get(unit, 1)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected an age like 3600, 90s, 15m, 12h, 7d or 2w, "
+                                         f"got {text!r}")
+    return seconds
+
+
+def _credentials(text):
+    import argparse
+    if ":" not in text or not text.split(":", 1)[0]:
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
+    return text
+
+
+#: Each command's own arguments.
+_ARGUMENTS = {"worker": _worker_arguments, "tasks": _tasks_arguments,
+              "info": _info_arguments, "retry": _retry_arguments,
+              "cancel": _cancel_arguments, "prune": _prune_arguments,
+              "stats": _json_argument, "web": _web_arguments}
+
+
+# CLI: the worker ##############################################################
+
+
+def _run_worker(manager, args):
+    worker = Worker(manager, args.workers, args.threads, async_tasks=args.async_tasks,
+                    target=args.target, imports=args.imports)
+    handler = _setup_logging(args.log_level)
+    try:
+        if args.interactive and sys.stdout.isatty():
+            return _run_dashboard(worker, args.target, handler)
+        if args.interactive:
+            logger.info("stdout is not a terminal: no dashboard, plain logs instead")
+        logger.info("Starting server... Ctrl+C to stop.")
+        return worker.run()
+    finally:
+        handler.flush()
+
+
+def _setup_logging(level):
+    """A handler on castor's own logger; the logging module's globals and the
+    root logger stay as the user's code has them."""
     handler = _BatchingHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     return handler
 
 
@@ -2385,7 +3965,6 @@ class _BatchingHandler(logging.StreamHandler):
         self._flusher = threading.Thread(target=self._flush_forever, name="castor-log",
                                          daemon=True)
         self._flusher.start()
-        atexit.register(self.flush)
 
     def emit(self, record):
         try:
@@ -2416,25 +3995,131 @@ class _BatchingHandler(logging.StreamHandler):
             self.flush()
 
 
-def main(argv=None):
-    """``castor [--workers N] [--threads M] [-i] MODULE:VARIABLE``."""
-    args = _parser().parse_args(argv)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like python -m: the project is importable
+# CLI: inspection ##############################################################
+
+
+def _tasks_command(manager, args):
+    docs = manager.tasks(status=args.status, limit=args.limit, name=args.name)
+    if args.json:
+        return _print_json(docs)
+    rows = [(doc["id"], doc.get("status"), doc.get("task_name"), doc.get("attempts"),
+             doc.get("enqueued_at"), _duration(doc, time.time()) or "-") for doc in docs]
+    _print_table(("ID", "STATUS", "NAME", "ATTEMPTS", "ENQUEUED (UTC)", "RAN"), rows)
+    return 0
+
+
+def _info_command(manager, args):
+    handle = manager.get_task_by_id(args.id)
+    if handle is None:
+        sys.stderr.write(f"castor: no task {args.id!r}\n")
+        return 1
+    doc = handle.info()
+    if args.json:
+        return _print_json(doc)
+    for key, value in doc.items():
+        if key not in ("error", "exception"):
+            sys.stdout.write(f"{key:12} {json.dumps(value)}\n")
+    if doc.get("error"):
+        sys.stdout.write(f"error:\n{doc['error']}")
+    return 0
+
+
+def _retry_command(manager, args):
+    if bool(args.ids) == bool(args.failed or args.cancelled):
+        return _usage("retry", "give task ids, or --failed / --cancelled")
+    if not args.ids:
+        statuses = [s for s in ("failed", "cancelled") if getattr(args, s)]
+        n = sum(manager.requeue(status, name=args.name) for status in statuses)
+        return _report(args, {"retried": n}, f"{n} task(s) back to pending")
+    return _each_id(manager, args, "retry", "retried", "not finished (or it succeeded)")
+
+
+def _cancel_command(manager, args):
+    return _each_id(manager, args, "cancel", "cancelled", "already finished")
+
+
+def _each_id(manager, args, action, done_word, refused_why):
+    """Apply a handle action to each id: exit 1 if any was missing or refused."""
+    result = {done_word: [], "not_found": [], "refused": []}
+    for task_id in args.ids:
+        handle = manager.get_task_by_id(task_id)
+        if handle is None:
+            result["not_found"].append(task_id)
+        else:
+            result[done_word if getattr(handle, action)() else "refused"].append(task_id)
+    lines = [f"{task_id}: {done_word}" for task_id in result[done_word]]
+    lines += [f"{task_id}: not found" for task_id in result["not_found"]]
+    lines += [f"{task_id}: not {done_word}: {refused_why}" for task_id in result["refused"]]
+    _report(args, result, "\n".join(lines))
+    return 1 if result["not_found"] or result["refused"] else 0
+
+
+def _prune_command(manager, args):
+    n = manager.prune(older_than=args.older_than)
+    return _report(args, {"pruned": n}, f"pruned {n} finished task(s)")
+
+
+def _stats_command(manager, args):
+    stats = {"store": manager.path, "counts": manager.counts(), "workers": manager.workers(),
+             "periodic": manager.periodic()}
+    if args.json:
+        return _print_json(stats)
+    _print_table(("STATUS", "TASKS"), [(k, f"{v:,}") for k, v in stats["counts"].items()])
+    sys.stdout.write("\n")
+    _print_table(("WORKER", "HOST", "PID", "HEARTBEAT (UTC)", "POOLS"), [
+        (w["id"], w["host"], w["pid"], w["heartbeat_at"], _pools_text(w.get("pools")))
+        for w in stats["workers"]])
+    if stats["periodic"]:
+        sys.stdout.write("\n")
+        _print_table(("PERIODIC TASK", "SCHEDULE", "NEXT RUN (UTC)"), [
+            (p["name"], p["schedule"], p["next_run"] or "-") for p in stats["periodic"]])
+    return 0
+
+
+def _pools_text(pools):
+    return " ".join(f"{mode}={size}" for mode, size in (pools or {}).items()) or "-"
+
+
+def _report(args, data, text):
+    if args.json:
+        return _print_json(data)
+    sys.stdout.write(text + "\n" if text else "")
+    return 0
+
+
+def _usage(command, message):
+    sys.stderr.write(f"castor {command}: error: {message} (see castor {command} --help)\n")
+    return 2
+
+
+def _print_json(value):
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    return 0
+
+
+def _print_table(headers, rows):
+    """Columns as wide as their widest cell, cells cleaned of control characters."""
+    rows = [[_clean(str(cell)) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    for row in [list(headers)] + rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    if not rows:
+        sys.stdout.write("(none)\n")
+
+
+def _web_command(manager, args):
+    handler = _setup_logging(args.log_level)
+    auth = args.auth or os.environ.get("CASTOR_WEB_AUTH") or None
     try:
-        manager = _load_target(args.target, args.imports)
-    except _UsageError as exc:
-        sys.stderr.write(f"castor: error: {exc}\n")
-        return 2
-    worker = Worker(manager, args.workers, args.threads, target=args.target,
-                    imports=args.imports)
-    handler = _setup_logging()
-    if args.interactive and sys.stdout.isatty():
-        return _run_dashboard(worker, args.target, handler)
-    if args.interactive:
-        logger.info("stdout is not a terminal: no dashboard, plain logs instead")
-    logger.info("Starting server... Ctrl+C to stop.")
-    return worker.run()
+        return _serve_web(manager, args.host, args.port, auth)
+    finally:
+        handler.flush()
+
+
+#: What each command runs once the app is loaded.
+_COMMANDS = {"worker": _run_worker, "tasks": _tasks_command, "info": _info_command,
+             "retry": _retry_command, "cancel": _cancel_command, "prune": _prune_command,
+             "stats": _stats_command, "web": _web_command}
 
 
 if __name__ == "__main__":
