@@ -1491,6 +1491,11 @@ class _SqliteStore(_Store):
         self._local = threading.local()
         self._schema_ready = False
         self._identity = _file_identity(path)
+        kind = _network_fs(path, _read_text("/proc/self/mounts"))
+        if kind is not None:
+            logger.warning("%s is on a network file system (%s): SQLite's locking is not safe "
+                           "there, and workers on other machines would corrupt it. Keep the "
+                           "file on a local disk, or use the PostgreSQL store", path, kind)
 
     @property
     def conn(self):
@@ -1883,6 +1888,35 @@ def _columns(conn, table):
     return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
+#: File systems where SQLite's file locking cannot be trusted.
+_NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs",
+                         "ncpfs", "ceph", "fuse.ceph", "glusterfs", "fuse.glusterfs", "lustre",
+                         "gpfs"))
+
+
+def _network_fs(path, mounts):
+    """The network file system type holding ``path``, or None; ``mounts`` is
+    the text of /proc/self/mounts (the mount point nearest to the path wins)."""
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in _NETWORK_FS else None
+
+
+def _read_text(path):
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
 def _file_identity(path):
     try:
         st = os.stat(path)
@@ -2021,8 +2055,8 @@ class Worker:
     def _serve(self):
         while not self._abort.is_set():
             try:
-                self._tick(time.time())
-                self._trouble.clear(len(self._unrecorded))
+                if self._tick(time.time()):
+                    self._trouble.clear(len(self._unrecorded))
             except _StoreGone as exc:
                 self._fail(str(exc))
             except Exception as exc:  # the store is full, locked, down: ride it out
@@ -2033,6 +2067,7 @@ class Worker:
             self._wait(time.time())
 
     def _tick(self, now):
+        """One turn of the loop; True if it got through to the store."""
         if self._stop.is_set() and self.state == "Running":
             self._begin_stopping(now)
         sweep = self._heart.tick(now)
@@ -2043,7 +2078,7 @@ class Worker:
         for pool in self._pools.values():
             pool.tick(now)
         self._look_at_runs(now)
-        self._exchange(now, sweep)
+        return self._exchange(now, sweep) or sweep
 
     def _exchange(self, now, sweep):
         """Record finished runs and claim new tasks in one transaction, then start them."""
@@ -2052,7 +2087,7 @@ class Worker:
         wants = {} if self._stop.is_set() else self._gate.wants(self._pools, self.manager._store,
                                                                 now, sweep)
         if not (self._unrecorded or progress or wants):
-            return
+            return False
         done = self.manager._store.exchange(self.id, self._unrecorded, progress, wants,
                                             self._limits, now)
         self._unrecorded = []  # outcomes stay until a commit holds them: nothing is lost
@@ -2063,6 +2098,7 @@ class Worker:
         for claimed in done.claimed.values():
             for doc, lease in claimed:
                 self._dispatch(doc, lease)
+        return True
 
     def _wait(self, now):
         """Sleep until the store changes, a run ends, or something falls due."""

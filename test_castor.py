@@ -905,6 +905,266 @@ def test_restarting_a_worker_loses_nothing(project):
     assert len(starts) == 150 and set(starts.values()) == {1}  # graceful: no rerun
 
 
+# Hardening: start-up, copies, logging, disk, payloads, files #################
+
+
+def test_a_worker_survives_the_first_open_race(project):
+    """A brand-new file that another process is still setting up (it holds a
+    write lock before the switch to WAL): SQLite refuses beaver's switch at
+    once, whatever the busy timeout. The CLI retries the import instead."""
+    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
+    locker.execute("CREATE TABLE setup (x)")
+    locker.execute("BEGIN")
+    locker.execute("INSERT INTO setup VALUES (1)")  # a RESERVED lock, journal not WAL
+    worker = project.start("--workers", "1", wait=False)
+    try:
+        time.sleep(2)  # the lock is the point: the worker meets it while it starts
+        assert worker.poll() is None, project.output(worker)[1]
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    wait_for(lambda: project.worker_rows(worker.pid), what="the worker registered")
+    assert project.mod.add.delay(1, 2).join(timeout=20) == 3
+    code, _, err = project.stop(worker)
+    assert code == 0 and "Traceback" not in err
+
+
+def test_a_file_locked_for_too_long_ends_with_one_line(project):
+    locker = sqlite3.connect(project.path / "fresh.db", isolation_level=None)
+    locker.execute("CREATE TABLE setup (x)")
+    locker.execute("BEGIN")
+    locker.execute("INSERT INTO setup VALUES (1)")
+    with open(project.path / "fresh_app.py", "w") as fh:
+        fh.write("from beaver import BeaverDB\nfrom castor import Manager\n"
+                 "manager = Manager(BeaverDB('fresh.db'))\n")
+    script = ("import sys, castor; castor.OPEN_RETRY_TIMEOUT = 1.0; "
+              "sys.exit(castor.main(['fresh_app:manager']))")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=project.path,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "database is locked" in lines[0] and "retries" in lines[0]
+
+
+VENDORED_APP = """
+import os
+from beaver import BeaverDB
+from pkg.vendor.castor import Manager
+
+manager = Manager(BeaverDB(os.path.join(os.path.dirname(os.path.abspath(__file__)), "t.db")))
+
+
+@manager.task(mode="thread")
+def where_thread():
+    import pkg.vendor.castor as c
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.relpath(c.__file__, here), c.current_task().name]
+
+
+@manager.task(mode="process")
+def where_process():
+    import sys
+    return sorted(name for name in sys.modules if name.endswith("castor"))
+"""
+
+
+def test_castor_copied_inside_a_package(tmp_path):
+    vendor = tmp_path / "pkg" / "vendor"
+    vendor.mkdir(parents=True)
+    for init in (tmp_path / "pkg" / "__init__.py", vendor / "__init__.py"):
+        init.write_text("")
+    shutil.copy(os.path.join(ROOT, "castor.py"), vendor / "castor.py")
+    (tmp_path / "main.py").write_text(VENDORED_APP)
+    env = dict(os.environ, PYTHONPATH="")
+    worker = subprocess.Popen([sys.executable, "-m", "pkg.vendor.castor", "--workers", "1",
+                               "main:manager"], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        script = ("import main; print(main.where_thread.delay().join(timeout=60)); "
+                  "print(main.where_process.delay().join(timeout=60))")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["['pkg/vendor/castor.py', 'main.where_thread']",
+                                            "['pkg.vendor.castor']"]
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "Traceback" not in err
+
+
+LOGGING_APP = """
+import logging
+logging.basicConfig(filename=os.path.join(HERE, "app.log"), level=logging.INFO,
+                    format="%(name)s|%(funcName)s|%(lineno)d|%(threadName)s|%(message)s")
+app_log = logging.getLogger("app")
+
+
+@manager.task(mode="thread")
+def logs_a_line():
+    app_log.info("hello from a task")
+"""
+
+
+def test_the_worker_leaves_the_apps_logging_alone(make_project):
+    proj = make_project(LOGGING_APP)
+    proj.start("--workers", "1", "--log-level", "warning")
+    proj.mod.logs_a_line.delay().join(timeout=20)
+    lines = (proj.path / "app.log").read_text().splitlines()
+    app_lines = [line.split("|") for line in lines if line.startswith("app|")]
+    assert len(app_lines) == 1
+    _, func, lineno, thread, message = app_lines[0]
+    assert (func, message) == ("logs_a_line", "hello from a task")
+    assert int(lineno) > 0 and thread.startswith("castor-thread-")
+    worker_err = proj.output(proj.workers[0])[1]
+    assert "INFO" not in worker_err  # --log-level warning: castor's info lines are off
+
+
+def test_bad_log_level_is_a_usage_error(project):
+    done = run_cli("--log-level", "chatty", f"{project.module}:manager", cwd=project.path)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB file system (tmpfs), to fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk):
+    """Fill the file system; return the filler's path."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+    return filler
+
+
+FULL_DISK_APP = """
+@manager.task(mode="thread")
+def big_result(n, gate):
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return "r" * n
+"""
+
+
+def test_full_disk_delay_refuses_and_the_worker_keeps_results(small_disk, tmp_path):
+    proj = Project(small_disk, FULL_DISK_APP)
+    try:
+        worker = proj.start("--workers", "1", "--threads", "4")
+        gate = str(tmp_path / "gate")  # outside the full disk
+        handles = [proj.mod.big_result.delay(300_000, gate) for _ in range(3)]
+        wait_for(lambda: all(h.status() == "running" for h in handles), what="all running")
+        filler = fill(small_disk)
+        with pytest.raises(castor.StoreError, match="disk is full"):
+            proj.mod.big_result.delay(300_000, gate)
+        assert proj.manager.counts()["pending"] == 0  # nothing half-stored
+        open(gate, "w").close()
+        wait_for(lambda: "Store error" in proj.output(worker)[1], what="the worker to say so")
+        time.sleep(3)  # several more tries happen meanwhile, each one silent
+        err = proj.output(worker)[1]
+        assert err.count("Store error") == 1 and "disk is full" in err
+        assert worker.poll() is None and all(h.status() == "running" for h in handles)
+        os.remove(filler)
+        assert [len(h.join(timeout=30)) for h in handles] == [300_000] * 3
+        err = proj.output(worker)[1]
+        assert err.count("Store usable again") == 1 and "Traceback" not in err
+        assert proj.mod.add.delay(1, 1).join(timeout=20) == 2
+    finally:
+        proj.cleanup()
+
+
+def test_the_dashboard_shows_a_store_problem():
+    lines = dash._render(_view(problem="cannot write tasks.db: the disk is full"),
+                         dash._Layout(80, 24), False)
+    assert "Status: Store error, retrying" in lines[0]
+
+
+PAYLOAD_APP = """
+small = Manager(db, max_payload=2000)
+
+
+@small.task(mode="thread")
+def echo_small(x):
+    return x
+
+
+@small.task(mode="thread")
+def grow(n):
+    return "g" * n
+
+
+@small.task(mode="process")
+def pgrow(n):
+    return "p" * n
+"""
+
+
+def test_payload_limits(make_project):
+    proj = make_project(PAYLOAD_APP)
+    mod = proj.mod
+    with pytest.raises(castor.PayloadTooLarge, match=r"arguments of .*echo_small are 5,0\d\d "
+                       r"bytes of JSON, over the limit of 2,000"):
+        mod.echo_small.delay("x" * 5000)
+    assert proj.manager.counts()["pending"] == 0
+    with pytest.raises(castor.PayloadTooLarge, match="over the limit of 16,777,216"):
+        mod.add.delay("y" * 20_000_000, "")  # the default limit: 16 MiB
+    assert proj.manager.counts()["pending"] == 0
+    proj.start("--workers", "1", target=f"{proj.module}:small")
+    assert mod.echo_small.delay("ok").join(timeout=20) == "ok"
+    for task in (mod.grow, mod.pgrow):
+        with pytest.raises(castor.PayloadTooLarge, match="result of .* is 3,002 bytes"):
+            task.delay(3000).join(timeout=30)
+
+
+def test_deleted_database_file_stops_the_worker(project):
+    worker = project.start("--workers", "1")
+    assert project.mod.add.delay(1, 1).join(timeout=20) == 2
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(project.path / f"tasks.db{suffix}")
+    assert worker.wait(timeout=15) == 1
+    err = project.output(worker)[1]
+    assert "was deleted while this worker was using it" in err and "Traceback" not in err
+
+
+def test_replaced_database_file_stops_the_worker(project):
+    worker = project.start("--workers", "1")
+    other = project.path / "other.db"
+    sqlite3.connect(other).close()
+    os.replace(other, project.path / "tasks.db")
+    assert worker.wait(timeout=15) == 1
+    assert "was replaced by another file" in project.output(worker)[1]
+
+
+def test_network_file_systems_are_recognised():
+    mounts = ("/dev/vda / ext4 rw 0 0\nsrv:/export /mnt/nfs nfs4 rw 0 0\n"
+              "tmpfs /mnt/nfs/local tmpfs rw 0 0\n//h/s /mnt/my\\040share cifs rw 0 0\n")
+    assert castor._network_fs("/mnt/nfs/app/tasks.db", mounts) == "nfs4"
+    assert castor._network_fs("/mnt/my share/tasks.db", mounts) == "cifs"
+    assert castor._network_fs("/mnt/nfs/local/tasks.db", mounts) is None  # nearest mount wins
+    assert castor._network_fs("/mnt/nfsx/tasks.db", mounts) is None
+    assert castor._network_fs("/home/tasks.db", mounts) is None
+
+
 # Retries, scheduling, periodic, cancel, timeouts, priorities ##################
 
 FEATURES = '''
