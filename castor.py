@@ -693,8 +693,11 @@ def _db_path(db):
     engine = getattr(db, "_async_db", db)
     path = getattr(engine, "_db_path", None)
     if not isinstance(path, str):
+        # Never the value itself: a mistyped connection string holds a password.
+        what = "a string that does not start with postgresql://" if isinstance(db, str) \
+            else f"a {type(db).__name__}"
         raise TypeError(f"Manager needs a local beaver.BeaverDB or a 'postgresql://' "
-                        f"connection string, not {db!r}")
+                        f"connection string, not {what}")
     if path == ":memory:" or path.startswith("file::memory:"):
         raise CastorError("castor needs a database file: an in-memory database "
                           "cannot be shared with a worker")
@@ -1271,8 +1274,10 @@ class _Store:
         ``verdict(doc, losses, cancelled, now)``; the documents written."""
         raise NotImplementedError
 
-    def release(self, worker_id, now, verdict):
-        """A stopping worker's running tasks through ``verdict``, no loss counted."""
+    def release(self, worker_id, now, verdict, keep=()):
+        """This worker's running tasks, but those in ``keep``, through
+        ``verdict``, no loss counted (it is stopping, or a claim it could not
+        confirm went through after all)."""
         raise NotImplementedError
 
     def periodic(self):
@@ -1813,11 +1818,12 @@ class _SqliteStore(_Store):
             "NOT IN (SELECT id FROM castor_workers)) LIMIT 1").fetchone() is not None
 
     @_sqlite_errors
-    def release(self, worker_id, now, verdict):
+    def release(self, worker_id, now, verdict, keep=()):
         with self._write() as conn:
             rows = conn.execute("SELECT id, losses, cancel FROM castor_jobs WHERE "
                                 "status = 'running' AND worker = ?", (worker_id,)).fetchall()
-            return [self._give_back(conn, row, 0, now, verdict) for row in rows]
+            return [self._give_back(conn, row, 0, now, verdict) for row in rows
+                    if row[0] not in keep]
 
     def _give_back(self, conn, row, loss, now, verdict):
         task_id, losses, cancel = row
@@ -1949,9 +1955,667 @@ def _worker_row(wid, pid, host, started, beat, info, age):
     return row
 
 
+# Storage: PostgreSQL ##########################################################
+#
+# ``Manager("postgresql://user@host/db")``: the same operations on a server
+# that workers on several hosts share. One table holds the tasks: the
+# document as jsonb (``psql -c "SELECT doc FROM castor_tasks"`` reads it) and
+# beside it the columns that queue, claim and fence it. Claims take due rows
+# in batches with ``FOR UPDATE SKIP LOCKED``, so workers never wait for each
+# other; an enqueue sends NOTIFY in its transaction, and idle workers LISTEN
+# (a thread of theirs turns notifications into wake-ups). Leases and due
+# times use the server's clock, so hosts with skewed clocks agree: times
+# cross the store interface as local POSIX times and are turned into server
+# times inside the SQL (``_PG_AT``).
+#
+# Connections: a small pool per process (at most PG_POOL_SIZE, opened on
+# first use, never across fork), plus one listening connection in a worker.
+# A dropped connection is replaced; the application's calls wait up to
+# PG_OUTAGE_WAIT for the server to come back, then raise StoreError. The
+# worker's calls fail at once, and the worker loop rides the outage out.
+
+#: Connections a process may open to the server, besides a worker's listener.
+PG_POOL_SIZE = 3
+
+#: How long the application's calls (``.delay()``, ``join``) wait for a server
+#: that is down or unreachable before they raise StoreError.
+PG_OUTAGE_WAIT = 10.0
+
+#: A listening worker looks for work this often even without a notification.
+PG_SAFETY_POLL = 5.0
+
+#: Connection settings that notice a dead server or a cut link in seconds, not
+#: minutes; a connection string may set its own.
+_PG_SETTINGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 2,
+                "keepalives_interval": 1, "keepalives_count": 3, "tcp_user_timeout": 5000,
+                "application_name": "castor"}
+
+#: The server's clock, in POSIX seconds.
+_PG_NOW = "extract(epoch from clock_timestamp())"
+
+#: A local time turned into a server time: the parameter is ``ts - time.time()``.
+_PG_AT = f"({_PG_NOW} + %s)"
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS castor_tasks (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    name text NOT NULL,
+    mode text NOT NULL,
+    status text NOT NULL,
+    priority integer NOT NULL DEFAULT 0,
+    eta double precision NOT NULL DEFAULT 0,
+    worker text,
+    lease integer NOT NULL DEFAULT 0,
+    losses integer NOT NULL DEFAULT 0,
+    finished double precision,
+    unique_key text,
+    cancel boolean NOT NULL DEFAULT false,
+    doc jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS castor_tasks_ready
+    ON castor_tasks (mode, priority, seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_tasks_eta ON castor_tasks (mode, eta) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS castor_tasks_running ON castor_tasks (worker) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS castor_tasks_done ON castor_tasks (status, seq)
+    WHERE finished IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS castor_tasks_unique ON castor_tasks (unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('pending', 'running');
+CREATE TABLE IF NOT EXISTS castor_workers (
+    id text PRIMARY KEY,
+    pid integer NOT NULL,
+    host text NOT NULL,
+    started double precision NOT NULL,
+    heartbeat double precision NOT NULL,
+    info jsonb
+);
+CREATE TABLE IF NOT EXISTS castor_stats (status text PRIMARY KEY, n bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS castor_periodic (
+    name text PRIMARY KEY,
+    next_run double precision NOT NULL
+)
+"""
+
+_PG_ADD = f"""
+INSERT INTO castor_tasks (id, name, mode, status, priority, eta, unique_key, doc)
+SELECT v.id, v.name, v.mode, 'pending', v.priority, {_PG_NOW} + v.delay, v.unique_key, v.doc
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::float8[], %s::text[],
+            %s::jsonb[]) AS v(id, name, mode, priority, delay, unique_key, doc)
+ON CONFLICT DO NOTHING"""
+_PG_BUMP = ("INSERT INTO castor_stats (status, n) VALUES (%s, %s) "
+            "ON CONFLICT (status) DO UPDATE SET n = castor_stats.n + excluded.n")
+
+#: A claim: due rows nobody else holds, marked running for this worker, their
+#: documents rewritten in the same statement.
+_PG_CLAIM = """
+WITH picked AS (
+    SELECT seq FROM castor_tasks WHERE {where}
+    ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED
+)
+UPDATE castor_tasks t SET status = 'running', worker = %s, lease = t.lease + 1,
+    doc = CASE WHEN jsonb_typeof(t.doc) = 'object' THEN t.doc || jsonb_build_object(
+        'status', 'running', 'started_at', %s::text, 'worker', %s::text, 'attempts',
+        CASE WHEN jsonb_typeof(t.doc -> 'attempts') = 'number'
+             THEN floor((t.doc ->> 'attempts')::numeric)::bigint + 1 ELSE 1 END)
+        ELSE t.doc END
+FROM picked WHERE t.seq = picked.seq
+RETURNING t.priority, t.seq, t.id, t.lease, t.doc"""
+
+_PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
+
+#: Outcomes recorded in one statement, fenced by worker and lease.
+_PG_RECORD = f"""
+UPDATE castor_tasks t SET status = v.status, doc = v.doc::jsonb,
+    finished = CASE WHEN v.status = 'pending' THEN NULL ELSE {_PG_NOW} END,
+    eta = CASE WHEN v.status = 'pending' THEN {_PG_NOW} + v.delay ELSE t.eta END
+FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::float8[])
+    AS v(id, status, lease, doc, delay)
+WHERE t.id = v.id AND t.worker = %s AND t.lease = v.lease AND t.status = 'running'
+RETURNING t.id"""
+
+
 class _PostgresStore(_Store):
+    """The store on a PostgreSQL server (psycopg 3), for workers on several hosts."""
+
     def __init__(self, dsn):
-        raise CastorError("TODO")
+        try:
+            import psycopg
+        except ImportError:
+            raise CastorError("the PostgreSQL store needs psycopg 3: "
+                              "pip install 'castor-io[postgres]' (or 'psycopg[binary]')") from None
+        self.psycopg = psycopg
+        params = _pg_params(psycopg, dsn)
+        self.name = _pg_name(params)
+        self._secrets = [s for s in (params.get("password"), dsn) if s]
+        self._pool = _PgPool(self._connect_with(params), PG_POOL_SIZE)
+        self._params = params
+        self._schema_ready = False
+        self._listener = None
+
+    def explain(self, exc):
+        """An error's text with no password in it, and where it happened."""
+        text = str(exc).strip() or type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return f"PostgreSQL at {self.name}: {text}"
+
+    def _connect_with(self, params):
+        def connect():
+            conn = self.psycopg.connect(**params, autocommit=True)
+            if not self._schema_ready:
+                self._create_schema(conn)
+            return conn
+        return connect
+
+    def _create_schema(self, conn):
+        with conn.transaction():
+            # One at a time: concurrent CREATE ... IF NOT EXISTS can still collide.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('castor schema'))")
+            for statement in _PG_SCHEMA.split(";"):
+                conn.execute(statement)
+        self._schema_ready = True
+
+    def _do(self, work, wait=True):
+        """Run ``work(cursor)`` in a transaction. Connection trouble is retried
+        for up to PG_OUTAGE_WAIT when ``wait`` (the work must be safe to
+        repeat); in the end any error leaves as StoreError."""
+        psycopg = self.psycopg
+        deadline = time.monotonic() + (PG_OUTAGE_WAIT if wait else 0.0)
+        pause = 0.05
+        while True:
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    return work(conn.cursor())
+            except psycopg.OperationalError as exc:  # down, unreachable, restarted
+                if time.monotonic() + pause > deadline:
+                    raise StoreError(self.explain(exc)) from None
+            except psycopg.Error as exc:
+                raise StoreError(self.explain(exc)) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    # Application side ---------------------------------------------------------
+
+    def enqueue(self, new):
+        for item in new:
+            _pg_check_storable(item.raw, f"the arguments of {item.doc['task_name']}")
+        ids = self._do(lambda cur: self._add(cur, new))
+        return ids
+
+    def _add(self, cur, new):
+        """Insert the new tasks; an id already there (a retried commit) stays as is."""
+        ids = [self._existing(cur, item) for item in new]
+        fresh = [item for item, task_id in zip(new, ids) if task_id is None]
+        if fresh:
+            clock = time.time()
+            cur.execute(_PG_ADD, _pg_columns(fresh, clock))
+            cur.execute("SELECT pg_notify('castor', '')")
+        return [task_id or item.doc["id"] for item, task_id in zip(new, ids)]
+
+    def _existing(self, cur, item):
+        """The pending or running task a unique task matches, or None."""
+        if item.unique_key is None:
+            return None
+        # The lock makes two producers of the same key take turns.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (item.unique_key,))
+        row = cur.execute("SELECT id FROM castor_tasks WHERE unique_key = %s AND status IN "
+                          "('pending', 'running')", (item.unique_key,)).fetchone()
+        return row[0] if row else None
+
+    def put_finished(self, doc):
+        raw = _dumps(doc)
+        _pg_check_storable(raw, f"the outcome of {doc['task_name']}")
+
+        def work(cur):
+            cur.execute(f"INSERT INTO castor_tasks (id, name, mode, status, finished, doc) "
+                        f"VALUES (%s, %s, %s, %s, {_PG_NOW}, %s::jsonb) ON CONFLICT DO NOTHING",
+                        (doc["id"], doc["task_name"], doc["mode"], doc["status"], raw))
+            if cur.rowcount:
+                cur.execute(_PG_BUMP, (doc["status"], 1))
+        self._do(work)
+
+    def get(self, task_id):
+        row = self._do(lambda cur: cur.execute(
+            "SELECT doc FROM castor_tasks WHERE id = %s", (task_id,)).fetchone())
+        return None if row is None else _load_doc(task_id, row[0])
+
+    def list(self, status, name, limit, offset):
+        terms, params = ["true"], []
+        if status is not None:
+            terms.append("status = %s" + (" AND finished IS NOT NULL" if status in FINISHED
+                                           else ""))
+            params.append(status)
+        if name is not None:
+            terms.append("name = %s")
+            params.append(name)
+        rows = self._do(lambda cur: cur.execute(
+            f"SELECT id, doc FROM castor_tasks WHERE {' AND '.join(terms)} "
+            "ORDER BY seq DESC LIMIT %s OFFSET %s", (*params, limit, offset)).fetchall())
+        return [_load_doc(task_id, doc) for task_id, doc in rows]
+
+    def counts(self):
+        def work(cur):
+            counts = dict.fromkeys(STATUSES, 0)
+            for status in ("pending", "running"):  # small partial indexes
+                counts[status] = cur.execute("SELECT count(*) FROM castor_tasks WHERE "
+                                             "status = %s", (status,)).fetchone()[0]
+            counts.update(cur.execute("SELECT status, n FROM castor_stats").fetchall())
+            return counts
+        return self._do(work)
+
+    def prune(self, before):
+        def work(cur):
+            rows = cur.execute(f"DELETE FROM castor_tasks WHERE finished IS NOT NULL AND "
+                               f"finished < {_PG_AT} RETURNING status",
+                               (before - time.time(),)).fetchall()
+            _pg_bump(cur, collections.Counter(status for (status,) in rows), -1)
+            return len(rows)
+        return self._do(work)
+
+    def cancel(self, task_id, now):
+        def work(cur):
+            row = cur.execute("SELECT status, doc FROM castor_tasks WHERE id = %s FOR UPDATE",
+                              (task_id,)).fetchone()
+            if row is None or row[0] in FINISHED:
+                return False
+            if row[0] == "running":
+                cur.execute("UPDATE castor_tasks SET cancel = true WHERE id = %s", (task_id,))
+                return True
+            doc = _load_doc(task_id, row[1])
+            doc.update(status="cancelled", finished_at=_iso(now))
+            cur.execute(f"UPDATE castor_tasks SET status = 'cancelled', finished = {_PG_NOW}, "
+                        "doc = %s::jsonb WHERE id = %s", (_dumps(doc), task_id))
+            _pg_bump(cur, {"cancelled": 1})
+            return True
+        return self._do(work)
+
+    def requeue(self, ids, status, name, now):
+        def work(cur):
+            if ids is not None:
+                rows = cur.execute("SELECT id, status, doc FROM castor_tasks WHERE id = ANY(%s) "
+                                   "AND status IN ('failed', 'cancelled') FOR UPDATE",
+                                   (list(ids),)).fetchall()
+            else:
+                rows = cur.execute(
+                    "SELECT id, status, doc FROM castor_tasks WHERE status = %s AND finished "
+                    "IS NOT NULL AND (%s::text IS NULL OR name = %s) FOR UPDATE",
+                    (status, name, name)).fetchall()
+            done = collections.Counter(was for task_id, was, doc in rows
+                                       if self._redrive(cur, task_id, doc, now))
+            _pg_bump(cur, done, -1)
+            if done:
+                cur.execute("SELECT pg_notify('castor', '')")
+            return sum(done.values())
+        return self._do(work)
+
+    def _redrive(self, cur, task_id, doc, now):
+        """One task back to pending; False if a twin (unique) is already pending."""
+        doc = _redriven(_load_doc(task_id, doc), now)
+        try:
+            with cur.connection.transaction():  # a savepoint: a clash undoes only this row
+                cur.execute(f"UPDATE castor_tasks SET status = 'pending', finished = NULL, "
+                            f"eta = {_PG_NOW}, cancel = false, losses = 0, doc = %s::jsonb "
+                            "WHERE id = %s", (_dumps(doc), task_id))
+        except self.psycopg.errors.UniqueViolation:
+            return False
+        return True
+
+    def version(self):
+        return None if self._listener is None else self._listener.version
+
+    # Worker side --------------------------------------------------------------
+
+    def exchange(self, worker_id, outcomes, progress, wants, limits, now):
+        def work(cur):
+            done = _Exchange()
+            self._record(cur, worker_id, outcomes, done)
+            for task_id, report in progress.items():
+                cur.execute("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', "
+                            "%s::jsonb) WHERE id = %s AND status = 'running'",
+                            (_dumps(report), task_id))
+            for mode, n in wants.items():
+                done.claimed[mode] = claimed = self._claim(cur, worker_id, mode, n, limits, now)
+                if len(claimed) < n:
+                    done.idle[mode] = self._next_eta(cur, mode)
+            _pg_bump(cur, collections.Counter(
+                o.doc["status"] for o in done.recorded if o.retry_at is None))
+            return done
+        return self._do(work, wait=False)
+
+    def _record(self, cur, worker_id, outcomes, done):
+        if not outcomes:
+            return
+        clock = time.time()
+        for outcome in outcomes:
+            _pg_storable_outcome(outcome)
+        rows = cur.execute(_PG_RECORD, (
+            [o.doc["id"] for o in outcomes],
+            [o.doc["status"] if o.retry_at is None else "pending" for o in outcomes],
+            [o.lease for o in outcomes], [o.raw for o in outcomes],
+            [0.0 if o.retry_at is None else o.retry_at - clock for o in outcomes],
+            worker_id)).fetchall()
+        held = {task_id for (task_id,) in rows}
+        held |= self._recorded_before(cur, worker_id, [o for o in outcomes if o.doc["id"]
+                                                       not in held])
+        for outcome in outcomes:
+            (done.recorded if outcome.doc["id"] in held else done.refused).append(outcome)
+
+    def _recorded_before(self, cur, worker_id, outcomes):
+        """Ids among ``outcomes`` that a commit we could not confirm (the
+        connection broke) already recorded: not a lost lease."""
+        if not outcomes:
+            return set()
+        rows = cur.execute("SELECT id, lease, status FROM castor_tasks WHERE id = ANY(%s) AND "
+                           "worker = %s", ([o.doc["id"] for o in outcomes], worker_id))
+        mine = {(task_id, lease, status) for task_id, lease, status in rows.fetchall()}
+        return {o.doc["id"] for o in outcomes if (
+            o.doc["id"], o.lease, o.doc["status"] if o.retry_at is None else "pending") in mine}
+
+    def _claim(self, cur, worker_id, mode, n, limits, now):
+        if limits:
+            seqs = self._pick_limited(cur, mode, n, limits)
+            where, params = "seq = ANY(%s)", [seqs]
+        else:
+            where, params = _PG_READY, [mode]
+        rows = cur.execute(_PG_CLAIM.format(where=where),
+                           (*params, n, worker_id, _iso(now), worker_id)).fetchall()
+        return [(_claimed_doc(task_id, doc, worker_id, now), lease)
+                for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
+
+    def _pick_limited(self, cur, mode, n, limits):
+        """Due tasks in queue order, no name past its concurrency limit. The
+        advisory locks make workers count the running ones in turn."""
+        for name in sorted(limits):
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"castor:{name}",))
+        room = dict(limits)
+        for name, running in cur.execute(
+                "SELECT name, count(*) FROM castor_tasks WHERE status = 'running' AND "
+                "name = ANY(%s) GROUP BY name", (list(limits),)).fetchall():
+            room[name] -= running
+        picked = []
+        while len(picked) < n:
+            full = [name for name, left in room.items() if left <= 0]
+            rows = cur.execute(
+                f"SELECT seq, name FROM castor_tasks WHERE {_PG_READY} AND NOT (name = ANY(%s)) "
+                "AND NOT (seq = ANY(%s)) ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                (mode, full, picked, n - len(picked))).fetchall()
+            if not rows:
+                break
+            picked += _within_limits(rows, room)
+        return picked
+
+    def _next_eta(self, cur, mode):
+        row = cur.execute(f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE "
+                          "status = 'pending' AND mode = %s", (mode,)).fetchone()
+        return None if row[0] is None else time.time() + row[0]
+
+    def cancel_requests(self, worker_id):
+        rows = self._do(lambda cur: cur.execute(
+            "SELECT id FROM castor_tasks WHERE status = 'running' AND worker = %s AND cancel",
+            (worker_id,)).fetchall(), wait=False)
+        return {task_id for (task_id,) in rows}
+
+    def register(self, worker_id, info, now):
+        self._do(lambda cur: cur.execute(
+            f"INSERT INTO castor_workers (id, pid, host, started, heartbeat, info) VALUES "
+            f"(%s, %s, %s, {_PG_NOW}, {_PG_NOW}, %s::jsonb) ON CONFLICT (id) DO UPDATE SET "
+            "heartbeat = excluded.heartbeat, info = excluded.info",
+            (worker_id, os.getpid(), _host_id(), _dumps(info))), wait=False)
+
+    def heartbeat(self, worker_id, now):
+        return self._do(lambda cur: cur.execute(
+            f"UPDATE castor_workers SET heartbeat = {_PG_NOW} WHERE id = %s",
+            (worker_id,)).rowcount == 1, wait=False)
+
+    def deregister(self, worker_id):
+        self._do(lambda cur: cur.execute("DELETE FROM castor_workers WHERE id = %s",
+                                         (worker_id,)), wait=False)
+
+    def workers(self):
+        rows = self._do(lambda cur: cur.execute(
+            f"SELECT id, pid, host, started, heartbeat, info, {_PG_NOW} - heartbeat "
+            "FROM castor_workers ORDER BY started").fetchall())
+        return [_worker_row(*row[:6], age=row[6]) for row in rows]
+
+    def reap(self, dead, now, verdict):
+        orphans = ("status = 'running' AND (worker IS NULL OR NOT EXISTS (SELECT 1 FROM "
+                   "castor_workers w WHERE w.id = t.worker))")
+
+        def work(cur):
+            for wid, beat in dead.items():
+                cur.execute("DELETE FROM castor_workers WHERE id = %s AND heartbeat = %s",
+                            (wid, beat))
+            rows = cur.execute(f"SELECT id, losses, cancel, doc FROM castor_tasks t WHERE "
+                               f"{orphans} FOR UPDATE SKIP LOCKED").fetchall()
+            return self._give_back(cur, rows, 1, now, verdict)
+        if not dead and not self._do(lambda cur: cur.execute(
+                f"SELECT 1 FROM castor_tasks t WHERE {orphans} LIMIT 1").fetchone(), wait=False):
+            return []
+        return self._do(work, wait=False)
+
+    def release(self, worker_id, now, verdict, keep=()):
+        def work(cur):
+            rows = cur.execute("SELECT id, losses, cancel, doc FROM castor_tasks WHERE status = "
+                               "'running' AND worker = %s AND NOT (id = ANY(%s)) FOR UPDATE",
+                               (worker_id, list(keep))).fetchall()
+            return self._give_back(cur, rows, 0, now, verdict)
+        return self._do(work, wait=False)
+
+    def _give_back(self, cur, rows, loss, now, verdict):
+        docs = []
+        for task_id, losses, cancel, raw in rows:
+            doc = verdict(_load_doc(task_id, raw), losses + loss, cancel, now)
+            final = doc["status"] in FINISHED
+            cur.execute(f"UPDATE castor_tasks SET status = %s, worker = NULL, losses = %s, "
+                        f"finished = CASE WHEN %s THEN {_PG_NOW} END, doc = %s::jsonb "
+                        "WHERE id = %s", (doc["status"], losses + loss, final, _dumps(doc),
+                                          task_id))
+            docs.append(doc)
+        _pg_bump(cur, collections.Counter(d["status"] for d in docs if d["status"] in FINISHED))
+        if any(doc["status"] == "pending" for doc in docs):
+            cur.execute("SELECT pg_notify('castor', '')")
+        return docs
+
+    def periodic(self):
+        rows = self._do(lambda cur: cur.execute(
+            f"SELECT name, next_run - {_PG_NOW} FROM castor_periodic").fetchall())
+        clock = time.time()
+        return {name: clock + left for name, left in rows}
+
+    def fire_periodic(self, name, expected, next_run, new):
+        def work(cur):
+            clock = time.time()
+            if expected is None:
+                cur.execute(f"INSERT INTO castor_periodic VALUES (%s, {_PG_AT}) "
+                            "ON CONFLICT DO NOTHING", (name, next_run - clock))
+            else:
+                # The stored slot, seen from here, must still be the one we read.
+                cur.execute(f"UPDATE castor_periodic SET next_run = {_PG_AT} WHERE name = %s "
+                            f"AND abs(next_run - {_PG_AT}) < 0.001",
+                            (next_run - clock, name, expected - clock))
+            won = cur.rowcount == 1
+            if won and new is not None:
+                self._add(cur, [new])
+            return won
+        return self._do(work, wait=False)
+
+    def watch(self):
+        if self._listener is None:
+            self._listener = _PgListener(self)
+        return self._listener
+
+    def close(self):
+        if self._listener is not None:
+            self._listener.close()
+        self._pool.close()
+
+
+def _pg_params(psycopg, dsn):
+    """The connection string as parameters, castor's defaults under the user's."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise ValueError("not a valid PostgreSQL connection string (postgresql://user@host"
+                         ":5432/dbname)") from None
+    return {**_PG_SETTINGS, **params}
+
+
+def _pg_name(params):
+    """``postgresql://user@host:port/db``: what logs show, never the password."""
+    user = f"{params['user']}@" if params.get("user") else ""
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{params.get('host', 'localhost')}{port}/{params.get('dbname', '')}"
+
+
+def _pg_columns(new, clock):
+    """The arrays of one multi-row insert."""
+    return ([item.doc["id"] for item in new], [item.doc["task_name"] for item in new],
+            [item.doc["mode"] for item in new], [item.doc["priority"] for item in new], [item.eta - clock for item in new],
+            [item.unique_key for item in new], [item.raw for item in new])
+
+
+def _pg_check_storable(raw, where):
+    # jsonb refuses the NUL character; JSON allows it, so say so plainly.
+    if "\\u0000" in raw:
+        raise NotJSONError(f"{where} contain the NUL character (\\u0000), which PostgreSQL "
+                           "cannot store in JSON")
+
+
+def _pg_storable_outcome(outcome):
+    """An outcome PostgreSQL cannot store becomes a failure that can be stored."""
+    if "\\u0000" in outcome.raw:
+        doc = outcome.doc
+        _finish_doc(doc, _failed("the result contains the NUL character (\\u0000), which "
+                                 "PostgreSQL cannot store in JSON"), time.time())
+        doc["result"] = None
+        outcome.raw, outcome.retry_at = _dumps(doc), None
+
+
+def _pg_bump(cur, counter, sign=1):
+    for status in sorted(counter):  # one order for all: no deadlock between workers
+        if counter[status]:
+            cur.execute(_PG_BUMP, (status, sign * counter[status]))
+
+
+def _within_limits(rows, room):
+    """Of due rows (seq, name), those that fit each name's room left (updated)."""
+    picked = []
+    for seq, name in rows:
+        if name in room:
+            if room[name] <= 0:
+                continue
+            room[name] -= 1
+        picked.append(seq)
+    return picked
+
+
+class _PgPool:
+    """A few connections for one process, each used by one thread at a time."""
+
+    def __init__(self, connect, size):
+        self._connect, self._size = connect, size
+        self._cond = threading.Condition()
+        self._idle, self._count, self._pid = [], 0, os.getpid()
+
+    @contextlib.contextmanager
+    def connection(self):
+        conn = self._take()
+        try:
+            yield conn
+        finally:
+            self._give(conn)
+
+    def _take(self):
+        with self._cond:
+            if self._pid != os.getpid():  # a forked child: the parent's are not ours
+                self._idle, self._count, self._pid = [], 0, os.getpid()
+            while not self._idle and self._count >= self._size:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._count += 1
+        try:
+            return self._connect()
+        except BaseException:
+            self._forget()
+            raise
+
+    def _give(self, conn):
+        if conn.closed or conn.broken:
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._forget()
+            return
+        with self._cond:
+            self._idle.append(conn)
+            self._cond.notify()
+
+    def _forget(self):
+        with self._cond:
+            self._count -= 1
+            self._cond.notify()
+
+    def close(self):
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class _PgListener:
+    """A worker's LISTEN connection, in a thread of its own: it turns
+    notifications into bytes on a pipe that the worker's select() watches,
+    reconnects when the server goes away, and looks now and then anyway."""
+
+    def __init__(self, store):
+        self.store, self.version = store, 0
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        self._closed = threading.Event()
+        threading.Thread(target=self._listen_forever, name="castor-listen", daemon=True).start()
+
+    def fileno(self):
+        return self._read
+
+    def drain(self):
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._read, 65536):
+                pass
+
+    def close(self):
+        self._closed.set()
+
+    def _listen_forever(self):
+        pause = STORE_BACKOFF[0]
+        while not self._closed.is_set():
+            try:
+                self._listen()
+                pause = STORE_BACKOFF[0]
+            except Exception as exc:  # the server went away: the worker loop says so
+                logger.debug("listening connection lost: %s", self.store.explain(exc))
+            self._wake()
+            self._closed.wait(pause)
+            pause = min(pause * 2, STORE_BACKOFF[1])
+
+    def _listen(self):
+        with self.store.psycopg.connect(**self.store._params, autocommit=True) as conn:
+            conn.execute("LISTEN castor")
+            self._wake()  # notifications may have been missed while we were away
+            last = time.monotonic()
+            while not self._closed.is_set():
+                for _ in conn.notifies(timeout=1.0):  # a second: close() is seen soon
+                    self._wake()
+                    last = time.monotonic()
+                if time.monotonic() - last >= PG_SAFETY_POLL:  # the slow safety poll
+                    self._wake()
+                    last = time.monotonic()
+
+    def _wake(self):
+        self.version += 1
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._write, b"!")
 
 
 # Worker #######################################################################
@@ -2055,8 +2719,8 @@ class Worker:
     def _serve(self):
         while not self._abort.is_set():
             try:
-                if self._tick(time.time()):
-                    self._trouble.clear(len(self._unrecorded))
+                if self._tick(time.time()) and self._trouble.clear(len(self._unrecorded)):
+                    self._release_unconfirmed()
             except _StoreGone as exc:
                 self._fail(str(exc))
             except Exception as exc:  # the store is full, locked, down: ride it out
@@ -2176,6 +2840,14 @@ class Worker:
         self._next_progress = now + PROGRESS_INTERVAL
         reports = {run.id: run.ctx._take_progress() for run in list(self._runs.values())}
         return {task_id: report for task_id, report in reports.items() if report is not None}
+
+    def _release_unconfirmed(self):
+        """After store trouble: a claim whose commit we could not confirm may
+        have gone through. Its tasks, running here in name only, go back."""
+        keep = set(self._runs) | {outcome.doc["id"] for outcome in self._unrecorded}
+        for doc in self.manager._store.release(self.id, time.time(), _lost, keep=keep):
+            logger.warning("Task %s: claimed by a commit that could not be confirmed; "
+                           "back to pending", doc["id"][:8])
 
     def _fail(self, message):
         """The store went away: stop at once, say why, exit non-zero."""
@@ -2560,9 +3232,12 @@ class _Trouble:
         return pause
 
     def clear(self, kept):
-        if self.message is not None:
-            logger.warning("Store usable again; %d result(s) waiting are being recorded", kept)
-            self.message, self.pause = None, STORE_BACKOFF[0]
+        """The store works again: True if there had been trouble."""
+        if self.message is None:
+            return False
+        logger.warning("Store usable again; %d result(s) waiting are being recorded", kept)
+        self.message, self.pause = None, STORE_BACKOFF[0]
+        return True
 
 
 # Worker: waking up ############################################################
@@ -3233,10 +3908,16 @@ def _child_run(manager, line, out, limit):
 
 
 class _ChildOut:
-    """A pool child's replies and progress, one JSON line each."""
+    """A pool child's replies and progress, one JSON line each.
+
+    Progress is coalesced: at most one line per PROGRESS_INTERVAL / 5 (the
+    worker writes the store no oftener anyway), and a report held back is
+    sent when that interval is over, so the latest one always arrives.
+    """
 
     def __init__(self, stream):
-        self.stream, self.lock, self.last = stream, threading.Lock(), 0.0
+        self.stream, self.lock = stream, threading.Lock()
+        self.last, self.held = 0.0, None
 
     def send(self, message):
         with self.lock:
@@ -3244,11 +3925,22 @@ class _ChildOut:
             self.stream.flush()
 
     def progress(self, ctx):
-        # Coalesced: the worker writes it to the store at most every
-        # PROGRESS_INTERVAL anyway, and the reply carries the last one.
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_INTERVAL / 5:
-            self.last = now
+        gap = PROGRESS_INTERVAL / 5
+        with self.lock:
+            wait = self.last + gap - time.monotonic()
+            if wait > 0:
+                if self.held is None:  # one timer for the whole interval
+                    threading.Timer(wait, self._send_held).start()
+                self.held = ctx
+                return
+            self.last = time.monotonic()
+        self.send({"id": ctx.id, "progress": ctx._progress})
+
+    def _send_held(self):
+        with self.lock:
+            ctx, self.held = self.held, None
+            self.last = time.monotonic()
+        if ctx is not None:
             self.send({"id": ctx.id, "progress": ctx._progress})
 
 

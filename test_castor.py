@@ -27,6 +27,7 @@ import termios
 import textwrap
 import threading
 import time
+from zoneinfo import ZoneInfo
 
 import pytest
 from beaver import BeaverDB
@@ -1392,6 +1393,956 @@ def test_tasks_counts_and_prune(project):
     assert list(mod.db.dict("castor_tasks").keys()) == [waiting.id]
     with pytest.raises(castor.UnknownTaskError):
         done[0].status()
+
+
+# Async tasks ##################################################################
+
+ASYNC_APP = """
+import asyncio
+
+
+@manager.task(mode="async")
+async def aadd(a, b):
+    await asyncio.sleep(0)
+    return a + b
+
+
+@manager.task(mode="async")
+async def rendezvous(i, n, where):
+    # Arrive, then wait until all n have arrived: only works if n run at once.
+    open(os.path.join(where, str(i)), "w").close()
+    while len(os.listdir(where)) < n:
+        await asyncio.sleep(0.01)
+    return i
+
+
+@manager.task(mode="async", timeout=0.3)
+async def too_slow():
+    try:
+        await asyncio.sleep(30)
+        mark("never")
+    finally:
+        mark("cleaned up")
+
+
+@manager.task(mode="async")
+async def asleepy(seconds, label):
+    mark(label + ":start")
+    await asyncio.sleep(seconds)
+    mark(label + ":end")
+    return seconds
+
+
+@manager.task(mode="async", daemon=True)
+async def adaemon(seconds):
+    mark("ad:start")
+    await asyncio.sleep(seconds)
+    mark("ad:end")
+
+
+@manager.task(mode="async")
+async def blocks_the_loop(seconds):
+    time.sleep(seconds)  # a blocking call in a coroutine: a bug castor must survive
+    return "blocked"
+
+
+@manager.task(mode="async", retries=1, retry_delay=0.1)
+async def afails():
+    mark("afails")
+    raise LookupError("async failure")
+
+
+@manager.task(mode="async")
+async def whoami():
+    import castor
+    ctx = castor.current_task()
+    return [ctx.id, ctx.name, ctx.attempt]
+"""
+
+
+def test_async_tasks_run_many_at_once(make_project, tmp_path):
+    proj = make_project(ASYNC_APP)
+    where = tmp_path / "arrived"
+    where.mkdir()
+    proj.start("--workers", "1", "--async-tasks", "250")
+    handles = proj.mod.rendezvous.map([(i, 200, str(where)) for i in range(200)])
+    assert sorted(h.join(timeout=60) for h in handles) == list(range(200))
+    assert proj.mod.aadd.delay(2, 3).join(timeout=20) == 5
+
+
+def test_async_errors_retries_and_context(make_project):
+    proj = make_project(ASYNC_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(LookupError, match="async failure"):
+        proj.mod.afails.delay().join(timeout=20)
+    assert proj.labels() == ["afails", "afails"]
+    handle = proj.mod.whoami.delay()
+    assert handle.join(timeout=20) == [handle.id, f"{proj.module}.whoami", 1]
+
+
+def test_async_timeout_cancels_the_coroutine(make_project):
+    proj = make_project(ASYNC_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(TimeoutError, match="timeout of 0.3s"):
+        proj.mod.too_slow.delay().join(timeout=20)
+    wait_for(lambda: "cleaned up" in proj.labels(), what="the coroutine's finally block")
+    assert "never" not in proj.labels()
+
+
+def test_async_shutdown_waits_for_critical_and_cancels_daemon(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1")
+    critical = proj.mod.asleepy.delay(1.5, "ac")
+    daemon = proj.mod.adaemon.delay(60)
+    wait_for(lambda: {"ac:start", "ad:start"} <= set(proj.labels()), what="both running")
+    code, _, err = proj.stop(worker, signal.SIGTERM)
+    assert code == 0, err
+    assert critical.join(timeout=1) == 1.5
+    with pytest.raises(TaskError, match="cancelled at shutdown"):
+        daemon.join(timeout=1)
+    assert "ad:end" not in proj.labels()
+
+
+def test_async_second_signal_gives_back_and_kill_9_recovers(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1")
+    handle = proj.mod.asleepy.delay(3, "as")
+    wait_for(lambda: "as:start" in proj.labels(), what="running")
+    worker.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in proj.output(worker)[1], what="graceful stop begun")
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 1
+    assert handle.status() == "pending"
+    killed = proj.start("--workers", "1")
+    wait_for(lambda: proj.labels().count("as:start") == 2, what="running again")
+    killed.kill()
+    killed.wait()
+    proj.start("--workers", "1")
+    assert handle.join(timeout=30) == 3
+    assert proj.labels().count("as:start") == 3 and handle.info()["losses"] == 1
+
+
+def test_a_blocking_coroutine_does_not_stall_the_worker(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1", "--threads", "2")
+    blocked = proj.mod.blocks_the_loop.delay(4)
+    wait_for(lambda: blocked.status() == "running", what="the blocking task")
+    # Meanwhile thread tasks run and the worker keeps beating.
+    assert proj.mod.add.delay(1, 1).join(timeout=10) == 2
+    wait_for(lambda: "blocked for" in proj.output(worker)[1], timeout=10, what="the warning")
+    assert all(w["age"] < 2.5 for w in proj.manager.workers())
+    assert blocked.join(timeout=20) == "blocked"
+    err = proj.output(worker)[1]
+    assert "blocks_the_loop" in err and blocked.id[:8] in err
+
+
+def test_async_decoration_errors(project):
+    manager = project.manager
+
+    async def coro():
+        pass
+
+    def plain():
+        pass
+    for mode in ("thread", "process"):
+        with pytest.raises(TypeError, match="mode='async'"):
+            manager.task(mode=mode)(coro)
+    with pytest.raises(TypeError, match="use mode='thread' or mode='process'"):
+        manager.task(mode="async")(plain)
+    task = manager.task(mode="async")(coro)
+    called = task()  # a direct call gives the coroutine, as the function would
+    assert asyncio.iscoroutine(called)
+    called.close()
+
+
+def test_immediate_mode_runs_async_tasks_from_sync_and_async_callers(tmp_path):
+    db = BeaverDB(str(tmp_path / "im.db"))
+    try:
+        manager = Manager(db, immediate=True)
+
+        @manager.task(mode="async")
+        async def double(x):
+            await asyncio.sleep(0.01)
+            return 2 * x
+
+        assert double.delay(21).join() == 42  # from plain code: asyncio.run
+
+        async def handler():  # as in a FastAPI handler: a loop is running here
+            return double.delay(5).join(), await double.delay(6).resolve()
+        assert asyncio.run(handler()) == (10, 12)
+    finally:
+        db.close()
+
+
+# Operating castor: re-drive, cancel, progress, cron, unique, limits ###########
+
+OPS_APP = """
+import asyncio
+import castor
+
+
+@manager.task(mode="thread")
+def fails_once(label):
+    mark(label)
+    if [l for l, _, _ in map(json.loads, open(os.path.join(HERE, "runs.log")))].count(label) == 1:
+        raise RuntimeError("first run fails")
+    return "second run works"
+
+
+@manager.task(mode="thread")
+def polite(seconds):
+    ctx = castor.current_task()
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        ctx.check_cancelled()  # cooperative: the thread stops here
+        time.sleep(0.01)
+    return "finished"
+
+
+@manager.task(mode="process")
+def pstubborn(seconds):
+    mark("pstubborn")
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@manager.task(mode="async")
+async def astubborn(seconds):
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        mark("astubborn cleaned up")
+
+
+def _steps(n, gate):
+    ctx = castor.current_task()
+    for i in range(n):
+        ctx.progress(i + 1, n, f"step {i + 1}")
+        if i + 1 == n // 2:
+            while not os.path.exists(gate):
+                time.sleep(0.01)
+    return ctx.id
+
+
+@manager.task(mode="thread")
+def tprogress(n, gate):
+    return _steps(n, gate)
+
+
+@manager.task(mode="process")
+def pprogress(n, gate):
+    return _steps(n, gate)
+
+
+@manager.task(mode="async")
+async def aprogress(n, gate):
+    ctx = castor.current_task()
+    for i in range(n):
+        ctx.progress(i + 1, n)
+        if i + 1 == n // 2:
+            while not os.path.exists(gate):
+                await asyncio.sleep(0.01)
+    return ctx.id
+
+
+@manager.task(mode="thread", unique=True)
+def once_at_a_time(key, gate):
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return key
+
+
+@manager.task(mode="thread", unique=lambda user, **kw: user)
+def per_user(user, note=""):
+    return note
+
+
+@manager.task(mode="thread", concurrency=2)
+def limited(label):
+    mark(label + ":start")
+    time.sleep(0.15)
+    mark(label + ":end")
+
+
+@manager.task(mode="thread", cron="* * * * *", tz="Europe/Paris")
+def every_minute():
+    mark("cron")
+"""
+
+
+def test_retry_re_drives_a_failed_task_and_keeps_its_history(make_project):
+    proj = make_project(OPS_APP)
+    proj.start("--workers", "1")
+    handle = proj.mod.fails_once.delay("x")
+    with pytest.raises(RuntimeError):
+        handle.join(timeout=20)
+    assert proj.mod.add.delay(1, 1).retry() is False  # pending or running: not finished
+    assert handle.retry() is True
+    assert handle.join(timeout=20) == "second run works"
+    doc = handle.info()
+    assert doc["attempts"] == 1 and len(doc["history"]) == 1
+    assert "RuntimeError: first run fails" in doc["history"][0]["error"]
+    assert handle.retry() is False  # it succeeded
+
+
+def test_requeue_re_drives_in_bulk(make_project):
+    proj = make_project(OPS_APP)
+    failed = [proj.mod.fails_once.delay(f"b{i}") for i in range(3)]
+    other = proj.mod.boom.delay("stays failed")
+    proj.start("--workers", "1")
+    for handle in failed + [other]:
+        wait_for(handle.__bool__)
+    assert proj.manager.requeue(name=proj.mod.fails_once.name) == 3
+    assert [h.join(timeout=20) for h in failed] == ["second run works"] * 3
+    assert other.status() == "failed" and proj.manager.counts()["failed"] == 1
+    with pytest.raises(ValueError):
+        proj.manager.requeue(status="success")
+
+
+def test_cancel_a_running_process_task_kills_its_process(make_project):
+    proj = make_project(OPS_APP)
+    worker = proj.start("--workers", "1")
+    handle = proj.mod.pstubborn.delay(60)
+    wait_for(lambda: "pstubborn" in proj.labels(), what="running")
+    child = proj.runs()[-1][1]
+    asked = time.monotonic()
+    assert handle.cancel() is True
+    with pytest.raises(castor.Cancelled):
+        handle.join(timeout=10)
+    assert time.monotonic() - asked < 5
+    assert handle.status() == "cancelled" and not alive(child)
+    assert proj.mod.process_pid.delay().join(timeout=30) in children_of(worker.pid)
+
+
+def test_cancel_a_running_async_task_cancels_its_coroutine(make_project):
+    proj = make_project(OPS_APP)
+    proj.start("--workers", "1")
+    handle = proj.mod.astubborn.delay(60)
+    wait_for(lambda: handle.status() == "running", what="running")
+    assert handle.cancel() is True
+    with pytest.raises(castor.Cancelled):
+        handle.join(timeout=10)
+    assert "astubborn cleaned up" in proj.labels()
+
+
+def test_cancel_a_running_thread_task_is_cooperative(make_project):
+    proj = make_project(OPS_APP)
+    proj.start("--workers", "1")
+    handle = proj.mod.polite.delay(60)
+    wait_for(lambda: handle.status() == "running", what="running")
+    assert handle.cancel() is True
+    with pytest.raises(castor.Cancelled, match="cancelled"):
+        handle.join(timeout=10)
+    assert handle.info()["status"] == "cancelled"
+    assert handle.cancel() is False
+
+
+@pytest.mark.parametrize("task", ["tprogress", "pprogress", "aprogress"])
+def test_progress_is_visible_while_running(make_project, tmp_path, task):
+    proj = make_project(OPS_APP)
+    proj.start("--workers", "1")
+    gate = tmp_path / "gate"
+    handle = getattr(proj.mod, task).delay(1000, str(gate))
+    # Paused half way: the latest report reaches the store, however they were coalesced.
+    progress = wait_for(lambda: (handle.progress() or {}).get("done") == 500 and
+                        handle.progress(), what="the report at half way")
+    assert progress["total"] == 1000 and handle.status() == "running"
+    gate.touch()
+    assert handle.join(timeout=30) == handle.id
+    assert handle.info()["progress"]["done"] == 1000  # the last report is kept
+
+
+def test_progress_outside_a_task_and_bad_values(project):
+    assert castor.current_task() is None
+    ctx = castor.TaskContext("id", "name", 1)
+    with pytest.raises(TypeError):
+        ctx.progress("half")
+    with pytest.raises(TypeError):
+        ctx.progress(1, float("nan"))
+    ctx.progress(1, 2, "x" * 5000)
+    assert len(ctx._take_progress()["message"]) == 1000 and ctx._take_progress() is None
+
+
+def test_unique_task_two_producers_racing(make_project, tmp_path):
+    proj = make_project(OPS_APP)
+    gate = str(tmp_path / "gate")
+    script = ("import sys; sys.path.insert(0, %r); import %s as m\n"
+              "sys.stdin.read(1)\n"
+              "print(' '.join(m.once_at_a_time.delay('k', %r).id for _ in range(50)))"
+              % (str(proj.path), proj.module, gate))
+    producers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in producers:  # both start at the same moment
+        proc.stdin.write("x")
+        proc.stdin.flush()
+    ids = set()
+    for proc in producers:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        ids.update(out.split())
+    assert len(ids) == 1 and proj.manager.counts()["pending"] == 1
+    proj.start("--workers", "1")
+    (handle,) = [proj.manager.get_task_by_id(task_id) for task_id in ids]
+    wait_for(lambda: handle.status() == "running", what="running")
+    assert proj.mod.once_at_a_time.delay("k", gate).id == handle.id  # running: still it
+    assert proj.mod.once_at_a_time.delay("other", gate).id != handle.id
+    open(gate, "w").close()
+    assert handle.join(timeout=20) == "k"
+    assert proj.mod.once_at_a_time.delay("k", gate).id != handle.id  # finished: a new one
+
+
+def test_unique_by_a_key_function(make_project):
+    proj = make_project(OPS_APP)
+    first = proj.mod.per_user.delay("ann", note="a")
+    assert proj.mod.per_user.delay("ann", note="b") == first
+    assert proj.mod.per_user.delay("bob", note="a") != first
+    with pytest.raises(TypeError, match="unique"):
+        proj.manager.task(mode="thread", unique="yes")
+
+
+def _most_at_once(runs, name):
+    """The most ``name`` tasks that overlapped, from their start/end marks."""
+    events = sorted((t, 1 if label.endswith(":start") else -1)
+                    for label, _, t in runs if label.startswith(name))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_concurrency_limit_across_three_workers(make_project):
+    proj = make_project(OPS_APP)
+    for _ in range(3):  # one thread each: a limit kept per worker would allow 3 at once
+        proj.start("--workers", "1", "--threads", "1")
+    handles = proj.mod.limited.map([(f"L{i}",) for i in range(30)])
+    quick = proj.mod.add.delay(2, 2)  # not held up behind the limited ones
+    assert quick.join(timeout=10) == 4
+    assert any(h.status() == "pending" for h in handles)
+    for handle in handles:
+        handle.join(timeout=60)
+    assert _most_at_once(proj.runs(), "L") == 2
+    assert len({h.info()["worker"] for h in handles}) >= 2
+
+
+def test_cron_slots_fire_once_across_workers(make_project):
+    """Two schedulers (two workers) on the real store, with a clock passed in."""
+    proj = make_project(OPS_APP)
+    store = proj.manager._store
+    task = proj.mod.every_minute
+    one, two = (castor._Scheduler(store, [task]) for _ in range(2))
+    t0 = datetime.datetime(2026, 3, 29, 0, 58, 30, tzinfo=datetime.timezone.utc).timestamp()
+    assert not one.tick(t0) and not two.tick(t0)  # the first slot is only noted
+    assert store.periodic()[task.name] == t0 + 30  # 00:59:00 UTC
+    assert not one.tick(t0 + 10)  # not due yet
+    fired = [one.tick(t0 + 31), two.tick(t0 + 31), one.tick(t0 + 32), two.tick(t0 + 33)]
+    assert fired.count(True) == 1
+    assert store.periodic()[task.name] == t0 + 90
+    # A worker away for ten minutes: the missed slots run once, not ten times.
+    later = t0 + 31 + 600
+    assert [one.tick(later), two.tick(later), one.tick(later + 1)].count(True) == 1
+    assert proj.manager.counts()["pending"] == 2
+    # A real worker now: the stored slot (in March 2026) is long past, so it
+    # fires once more, and the next slot is a real future minute.
+    proj.start("--workers", "1")
+    wait_for(lambda: proj.labels().count("cron") == 3, what="the three runs")
+    assert time.time() < store.periodic()[task.name] <= time.time() + 60
+    assert [m["schedule"] for m in proj.manager.periodic()] == [
+        "cron * * * * * (Europe/Paris)"]
+
+
+def test_cron_and_every_options_are_checked(project):
+    task = project.manager.task
+    with pytest.raises(ValueError, match="hour field '25' is out of range"):
+        task(mode="thread", cron="0 25 * * *")
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        task(mode="thread", cron="0 9 * * *", tz="Mars/Olympus")
+    with pytest.raises(TypeError, match="not both"):
+        task(mode="thread", cron="0 9 * * *", every=60)
+    with pytest.raises(TypeError, match="tz= goes with cron="):
+        task(mode="thread", tz="UTC")
+    with pytest.raises(ValueError, match="no arguments"):
+        task(mode="thread", cron="@daily")(lambda x: x)
+
+
+def test_inspection_commands(make_project):
+    proj = make_project(OPS_APP)
+    target = f"{proj.module}:manager"
+    mod = proj.mod
+    ok, bad = mod.add.delay(1, 2), mod.fails_once.delay("cli")
+    later = mod.add.schedule((5, 5), delay=3600)
+    proj.start("--workers", "1")
+    assert ok.join(timeout=20) == 3
+    wait_for(bad.__bool__, what="the failure")
+
+    def cli(*args, code=0):
+        done = run_cli(*args, cwd=proj.path)
+        assert done.returncode == code, done.stderr
+        return done.stdout
+
+    table = cli("tasks", target)
+    assert table.splitlines()[0].split() == ["ID", "STATUS", "NAME", "ATTEMPTS", "ENQUEUED",
+                                             "(UTC)", "RAN"]
+    assert all(h.id in table for h in (ok, bad, later))
+    failed = json.loads(cli("tasks", target, "--status", "failed", "--json"))
+    assert [doc["id"] for doc in failed] == [bad.id]
+    named = json.loads(cli("tasks", target, "--name", mod.add.name, "--limit", "1", "--json"))
+    assert [doc["id"] for doc in named] == [later.id]
+    assert json.loads(cli("info", target, ok.id, "--json"))["result"] == 3
+    assert "RuntimeError: first run fails" in cli("info", target, bad.id)
+    cli("info", target, "no-such-id", code=1)
+    assert f"{bad.id}: retried" in cli("retry", target, bad.id)
+    assert bad.join(timeout=20) == "second run works"
+    assert "not retried" in cli("retry", target, ok.id, code=1)
+    assert json.loads(cli("retry", target, "--failed", "--json")) == {"retried": 0}
+    assert f"{later.id}: cancelled" in cli("cancel", target, later.id)
+    cli("cancel", target, later.id, "no-such-id", code=1)
+    stats = json.loads(cli("stats", target, "--json"))
+    assert stats["counts"]["success"] == 2 and stats["counts"]["cancelled"] == 1
+    assert len(stats["workers"]) == 1 and stats["store"].endswith("tasks.db")
+    assert "every_minute" in cli("stats", target)
+    assert json.loads(cli("prune", target, "--older-than", "0s", "--json")) == {"pruned": 3}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("retry", "{t}"), "give task ids, or --failed / --cancelled"),
+    (("retry", "{t}", "some-id", "--failed"), "give task ids, or --failed / --cancelled"),
+    (("prune", "{t}"), "--older-than"),
+    (("prune", "{t}", "--older-than", "7x"), "expected an age like"),
+    (("tasks", "{t}", "--status", "weird"), "invalid choice"),
+    (("cancel", "{t}"), "the following arguments are required: ID"),
+    (("info",), "the following arguments are required"),
+    (("tasks", "nowhere:manager"), "no module named 'nowhere'"),
+])
+def test_inspection_usage_errors(project, args, message):
+    done = run_cli(*[a.format(t=f"{project.module}:manager") for a in args], cwd=project.path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("command", ["tasks", "info", "retry", "cancel", "prune", "stats", "web"])
+def test_inspection_help(project, command):
+    done = run_cli(command, "--help", cwd=project.path)
+    assert done.returncode == 0 and f"usage: castor {command}" in done.stdout
+
+
+# Cron ########################################################################
+#
+# The cron section is pure: every test passes the time in.
+
+_Cron = castor._Cron
+PARIS = ZoneInfo("Europe/Paris")
+NEW_YORK = ZoneInfo("America/New_York")
+UTC = datetime.timezone.utc
+
+
+def local(zone, *fields, fold=0):
+    """The POSIX time of a wall-clock time in ``zone``."""
+    return datetime.datetime(*fields, tzinfo=zone, fold=fold).timestamp()
+
+
+def utc(*fields):
+    """The POSIX time of a UTC time."""
+    return datetime.datetime(*fields, tzinfo=UTC).timestamp()
+
+
+def walk(cron, start, end):
+    """Every firing strictly after ``start`` and before ``end``."""
+    times = []
+    ts = cron.next_after(start)
+    while ts < end:
+        times.append(ts)
+        ts = cron.next_after(ts)
+    return times
+
+
+def day_firings(cron, zone, day):
+    """The firings during the local calendar day ``day`` (a date)."""
+    start = local(zone, day.year, day.month, day.day)
+    end = local(zone, *(day + datetime.timedelta(days=1)).timetuple()[:3])
+    return walk(cron, start - 1, end)
+
+
+def assert_increasing(times):
+    assert all(a < b for a, b in zip(times, times[1:]))
+
+
+# Cron: parsing
+
+
+@pytest.mark.parametrize("field, values", [
+    ("*", tuple(range(60))),
+    ("7", (7,)),
+    ("1,5,10", (1, 5, 10)),
+    ("10,5,1,5", (1, 5, 10)),
+    ("1-5", (1, 2, 3, 4, 5)),
+    ("*/15", (0, 15, 30, 45)),
+    ("1-30/5", (1, 6, 11, 16, 21, 26)),
+    ("5/15", (5, 20, 35, 50)),
+    ("*/100", (0,)),
+    ("0-4,50-59/3", (0, 1, 2, 3, 4, 50, 53, 56, 59)),
+])
+def test_minute_field_syntax(field, values):
+    assert _Cron(f"{field} * * * *").minutes == values
+
+
+def test_every_field_is_parsed():
+    cron = _Cron("1 2 3 4 5")
+    assert (cron.minutes, cron.hours, cron.days, cron.months, cron.weekdays) == (
+        (1,), (2,), (3,), (4,), (5,))
+
+
+def test_full_ranges_of_fields():
+    cron = _Cron("* * * * *")
+    assert cron.hours == tuple(range(24))
+    assert cron.days == tuple(range(1, 32))
+    assert cron.months == tuple(range(1, 13))
+    assert cron.weekdays == tuple(range(7))
+
+
+@pytest.mark.parametrize("field, values", [
+    ("jan", (1,)),
+    ("DEC", (12,)),
+    ("Jan-Mar", (1, 2, 3)),
+    ("jun,aug,1", (1, 6, 8)),
+    ("feb-dec/2", (2, 4, 6, 8, 10, 12)),
+])
+def test_month_names(field, values):
+    assert _Cron(f"0 0 1 {field} *").months == values
+
+
+@pytest.mark.parametrize("field, values", [
+    ("sun", (0,)),
+    ("SAT", (6,)),
+    ("mon-fri", (1, 2, 3, 4, 5)),
+    ("Mon-Fri", (1, 2, 3, 4, 5)),
+    ("7", (0,)),
+    ("0,7", (0,)),
+    ("5-7", (0, 5, 6)),
+    ("fri-sun", (0, 5, 6)),
+    ("sat-sun", (0, 6)),
+    ("sun-sun", (0,)),
+    ("sun-sat", tuple(range(7))),
+    ("*/2", (0, 2, 4, 6)),
+    ("mon,wed-thu", (1, 3, 4)),
+])
+def test_day_names_and_sunday(field, values):
+    assert _Cron(f"0 0 * * {field}").weekdays == values
+
+
+@pytest.mark.parametrize("macro, expanded", [
+    ("@yearly", "0 0 1 1 *"),
+    ("@annually", "0 0 1 1 *"),
+    ("@monthly", "0 0 1 * *"),
+    ("@weekly", "0 0 * * 0"),
+    ("@daily", "0 0 * * *"),
+    ("@midnight", "0 0 * * *"),
+    ("@hourly", "0 * * * *"),
+    ("@DAILY", "0 0 * * *"),
+])
+def test_macros(macro, expanded):
+    ts = utc(2026, 5, 17, 13, 42)
+    got, want = _Cron(macro), _Cron(expanded)
+    assert (got.minutes, got.hours, got.days, got.months, got.weekdays) == (
+        want.minutes, want.hours, want.days, want.months, want.weekdays)
+    assert got.next_after(ts) == want.next_after(ts)
+
+
+def test_extra_whitespace_is_fine():
+    assert _Cron("  0\t9  *  * mon-fri ").expression == "0\t9  *  * mon-fri"
+
+
+def test_attributes_repr_and_str():
+    cron = _Cron("0 9 * * mon-fri", tz="Europe/Paris")
+    assert cron.expression == "0 9 * * mon-fri"
+    assert cron.tz == "Europe/Paris"
+    assert repr(cron) == "<castor._Cron '0 9 * * mon-fri' tz='Europe/Paris'>"
+    assert str(cron) == "0 9 * * mon-fri (Europe/Paris)"
+
+
+def test_tz_defaults_to_utc_and_accepts_tzinfo():
+    assert _Cron("* * * * *").tz == "UTC"
+    assert _Cron("* * * * *", tz=NEW_YORK).tz == "America/New_York"
+    assert _Cron("* * * * *", tz=UTC).tz == "UTC"
+
+
+# Cron: errors
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("0 25 * * *", "hour field '25' is out of range 0-23"),
+    ("60 * * * *", "minute field '60' is out of range 0-59"),
+    ("0 0 0 * *", "day-of-month field '0' is out of range 1-31"),
+    ("0 0 * 13 *", "month field '13' is out of range 1-12"),
+    ("0 0 * * 8", "day-of-week field '8' is out of range 0-7"),
+    ("0 1,25 * * *", "hour field '1,25': '25' is out of range 0-23"),
+    ("0 0 * foo *", "month field 'foo' is not a number or a month name (jan-dec)"),
+    ("0 0 * * mon-fry",
+     "day-of-week field 'mon-fry': 'fry' is not a number or a day name (sun-sat)"),
+    ("0 0 * * jan", "day-of-week field 'jan' is not a number or a day name (sun-sat)"),
+    ("mon * * * *", "minute field 'mon' is not a number"),
+    ("-1 * * * *", "minute field '-1' is not a valid range (expected a-b)"),
+    ("1-2-3 * * * *", "minute field '1-2-3' is not a valid range (expected a-b)"),
+    ("*/0 * * * *",
+     "minute field '*/0' has a bad step '0': a step must be a positive integer"),
+    ("*/-5 * * * *",
+     "minute field '*/-5' has a bad step '-5': a step must be a positive integer"),
+    ("0 1-5/x * * *",
+     "hour field '1-5/x' has a bad step 'x': a step must be a positive integer"),
+    ("0,*/ * * * *",
+     "minute field '0,*/': '*/' has a bad step '': a step must be a positive integer"),
+    ("/5 * * * *", "minute field '/5' has no value before '/'"),
+    ("30-10 * * * *", "minute field '30-10' is a reversed range (30 > 10)"),
+    ("0 0 * * fri-mon", "day-of-week field 'fri-mon' is a reversed range (5 > 1)"),
+    ("1,,2 * * * *", "minute field '1,,2' has an empty item"),
+    ("0 0 1, * *", "day-of-month field '1,' has an empty item"),
+    ("0 0 *", "expected 5 fields (minute hour day-of-month month day-of-week), got 3"),
+    ("0 0 * * * *", "expected 5 fields (minute hour day-of-month month day-of-week),"
+                    " got 6"),
+    ("", "expected 5 fields (minute hour day-of-month month day-of-week), got 0"),
+    ("@often", "unknown macro '@often' (use one of @yearly, @annually, @monthly,"
+               " @weekly, @daily, @midnight, @hourly)"),
+    ("0 0 31 2 *", "it never fires (no month in the month field has such a day)"),
+    ("0 0 30 2 *", "it never fires (no month in the month field has such a day)"),
+    ("0 0 31 4,6,9,11 *", "it never fires (no month in the month field has such a day)"),
+])
+def test_bad_expressions(expression, message):
+    full = f"bad cron expression {expression.strip()!r}: {message}"
+    with pytest.raises(ValueError, match=f"^{re.escape(full)}$"):
+        _Cron(expression)
+
+
+@pytest.mark.parametrize("name", ["Mars/Olympus", "europe/paris", "../etc/passwd",
+                                  "/etc/localtime", "", "Europe"])
+def test_unknown_time_zone(name):
+    with pytest.raises(ValueError, match=f"^unknown time zone {re.escape(repr(name))}$"):
+        _Cron("* * * * *", tz=name)
+
+
+def test_wrong_types():
+    with pytest.raises(TypeError, match="cron expression must be a str"):
+        _Cron(5)
+    with pytest.raises(TypeError, match="tz must be a time zone name or a tzinfo"):
+        _Cron("* * * * *", tz=2)
+
+
+def test_impossible_dates_are_fine_when_weekdays_can_fire():
+    # Both day fields restricted: either matches, so Mondays of February fire.
+    assert _Cron("0 0 31 2 mon").next_after(utc(2026, 1, 1)) == utc(2026, 2, 2)
+    # Day 31 exists in March.
+    assert _Cron("0 0 31 2,3 *").next_after(utc(2026, 1, 1)) == utc(2026, 3, 31)
+
+
+# Cron: day-of-month and day-of-week
+
+
+def fire_dates(expression, start, end):
+    """The UTC dates on which ``expression`` fires between two dates."""
+    times = walk(_Cron(expression), utc(*start) - 1, utc(*end))
+    return [datetime.datetime.fromtimestamp(ts, UTC).date() for ts in times]
+
+
+def test_both_day_fields_restricted_match_either():
+    dates = fire_dates("0 0 13 * fri", (2026, 2, 1), (2026, 3, 1))
+    assert [d.day for d in dates] == [6, 13, 20, 27]  # the 13th is a Friday
+    dates = fire_dates("0 0 1,15 * mon", (2026, 6, 1), (2026, 7, 1))
+    assert [d.day for d in dates] == [1, 8, 15, 22, 29]
+
+
+def test_star_day_of_week_means_day_of_month_only():
+    dates = fire_dates("0 0 13 * *", (2026, 1, 1), (2027, 1, 1))
+    assert [d.month for d in dates] == list(range(1, 13))
+    assert {d.day for d in dates} == {13}
+
+
+def test_star_day_of_month_means_day_of_week_only():
+    dates = fire_dates("0 0 * * fri", (2026, 2, 1), (2026, 3, 1))
+    assert [d.day for d in dates] == [6, 13, 20, 27]
+
+
+def test_star_step_counts_as_unrestricted_so_both_must_match():
+    # Vixie cron: "*/2" starts with "*", so odd days AND Mondays.
+    dates = fire_dates("0 0 */2 * mon", (2026, 6, 1), (2026, 8, 1))
+    assert [(d.month, d.day) for d in dates] == [(6, 1), (6, 15), (6, 29), (7, 13),
+                                                 (7, 27)]
+    assert all(d.weekday() == 0 and d.day % 2 == 1 for d in dates)
+
+
+def test_star_step_in_day_of_week_means_both_must_match():
+    dates = fire_dates("0 0 1 * */7", (2026, 1, 1), (2027, 1, 1))  # Sunday the 1st
+    assert [(d.month, d.day) for d in dates] == [(2, 1), (3, 1), (11, 1)]
+
+
+# next_after ###################################################################
+
+
+def test_next_after_simple():
+    cron = _Cron("*/15 * * * *")
+    assert cron.next_after(utc(2026, 5, 17, 10, 7)) == utc(2026, 5, 17, 10, 15)
+    assert cron.next_after(utc(2026, 5, 17, 10, 7, 59)) == utc(2026, 5, 17, 10, 15)
+    assert cron.next_after(utc(2026, 5, 17, 23, 50)) == utc(2026, 5, 18, 0, 0)
+    assert isinstance(cron.next_after(utc(2026, 5, 17)), float)
+
+
+def test_next_after_is_strictly_after():
+    cron = _Cron("30 2 * * *")
+    slot = utc(2026, 5, 17, 2, 30)
+    assert cron.next_after(slot - 0.5) == slot
+    assert cron.next_after(slot) == utc(2026, 5, 18, 2, 30)
+    assert cron.next_after(slot + 0.25) == utc(2026, 5, 18, 2, 30)
+    assert cron.next_after(int(slot)) == utc(2026, 5, 18, 2, 30)
+
+
+def test_next_after_crosses_month_and_year():
+    assert _Cron("0 0 1 * *").next_after(utc(2026, 12, 15)) == utc(2027, 1, 1)
+    assert _Cron("59 23 31 12 *").next_after(utc(2026, 12, 31, 23, 59)) == utc(
+        2027, 12, 31, 23, 59)
+
+
+def test_next_after_in_a_zone():
+    cron = _Cron("0 9 * * *", tz="Europe/Paris")
+    # 9:00 Paris is 08:00 UTC in winter and 07:00 UTC in summer.
+    assert cron.next_after(utc(2026, 1, 10)) == utc(2026, 1, 10, 8)
+    assert cron.next_after(utc(2026, 7, 10)) == utc(2026, 7, 10, 7)
+
+
+def test_next_after_with_a_fixed_offset():
+    cron = _Cron("0 9 * * *", tz=datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
+    assert cron.tz == "UTC+05:30"
+    assert cron.next_after(utc(2026, 1, 10)) == utc(2026, 1, 10, 3, 30)
+
+
+def test_weekdays_in_paris_skip_weekends():
+    cron = _Cron("0 9 * * mon-fri", tz="Europe/Paris")
+    friday = local(PARIS, 2026, 3, 20, 9)
+    assert cron.next_after(friday) == local(PARIS, 2026, 3, 23, 9)  # Monday
+    times = walk(cron, friday - 1, local(PARIS, 2026, 4, 4))  # across spring DST
+    days = [datetime.datetime.fromtimestamp(ts, PARIS) for ts in times]
+    assert [d.day for d in days] == [20, 23, 24, 25, 26, 27, 30, 31, 1, 2, 3]
+    assert all(d.weekday() < 5 and (d.hour, d.minute) == (9, 0) for d in days)
+
+
+def test_monthly():
+    cron = _Cron("@monthly", tz="Europe/Paris")
+    assert cron.next_after(local(PARIS, 2026, 5, 17)) == local(PARIS, 2026, 6, 1)
+    assert cron.next_after(local(PARIS, 2026, 6, 1)) == local(PARIS, 2026, 7, 1)
+
+
+def test_weekly():
+    cron = _Cron("@weekly")
+    sunday = utc(2026, 5, 24)
+    assert cron.next_after(utc(2026, 5, 20, 12)) == sunday
+    assert cron.next_after(sunday) == utc(2026, 5, 31)
+
+
+def test_leap_day():
+    cron = _Cron("0 0 29 2 *")
+    assert cron.next_after(utc(2026, 3, 1)) == utc(2028, 2, 29)
+    assert cron.next_after(utc(2028, 2, 29)) == utc(2032, 2, 29)
+
+
+def test_leap_day_on_a_sunday_is_decades_away():
+    # "*/7" starts with "*": the 29th of February AND a Sunday.
+    cron = _Cron("0 0 29 2 */7")
+    assert cron.next_after(utc(2026, 1, 1)) == utc(2032, 2, 29)
+    assert cron.next_after(utc(2032, 2, 29)) == utc(2060, 2, 29)
+
+
+def test_a_year_of_hourly_slots_in_paris():
+    cron = _Cron("0 * * * *", tz="Europe/Paris")
+    times = walk(cron, local(PARIS, 2026, 1, 1) - 1, local(PARIS, 2027, 1, 1))
+    assert_increasing(times)
+    assert len(times) == 365 * 24 - 1  # 02:00 on 29 March does not exist
+
+
+# Cron: daylight saving time
+
+#: Zone, transition day, UTC instant of that day's 02:30 firing.
+DST_DAYS = [
+    (PARIS, datetime.date(2026, 3, 29), (2026, 3, 29, 1, 0)),    # gap: 03:00 CEST
+    (PARIS, datetime.date(2026, 10, 25), (2026, 10, 25, 0, 30)),  # first 02:30 CEST
+    (NEW_YORK, datetime.date(2026, 3, 8), (2026, 3, 8, 7, 0)),    # gap: 03:00 EDT
+    (NEW_YORK, datetime.date(2026, 11, 1), (2026, 11, 1, 7, 30)),  # 02:30 EST, once
+]
+
+
+@pytest.mark.parametrize("zone, day, expected", DST_DAYS)
+def test_daily_0230_fires_once_on_transition_days(zone, day, expected):
+    cron = _Cron("30 2 * * *", tz=zone)
+    assert day_firings(cron, zone, day) == [utc(*expected)]
+    # And the next day is back to normal.
+    after = cron.next_after(utc(*expected))
+    tomorrow = day + datetime.timedelta(days=1)
+    assert after == local(zone, tomorrow.year, tomorrow.month, tomorrow.day, 2, 30)
+
+
+@pytest.mark.parametrize("zone, day", [
+    (PARIS, datetime.date(2026, 10, 25)),
+    (NEW_YORK, datetime.date(2026, 11, 1)),
+])
+def test_repeated_time_fires_at_its_first_occurrence_only(zone, day):
+    # 02:30 in Paris and 01:30 in New York happen twice on these nights.
+    hour = 2 if zone is PARIS else 1
+    cron = _Cron(f"30 {hour} * * *", tz=zone)
+    first = local(zone, day.year, day.month, day.day, hour, 30, fold=0)
+    second = local(zone, day.year, day.month, day.day, hour, 30, fold=1)
+    assert second - first == 3600
+    assert day_firings(cron, zone, day) == [first]
+    assert cron.next_after(first) > second
+    # Asked from inside the repeated hour, it waits for the next day.
+    assert cron.next_after(first + 1800) == cron.next_after(first)
+    assert cron.next_after(second - 60) == cron.next_after(first)
+
+
+@pytest.mark.parametrize("zone, day, expression, count", [
+    (PARIS, datetime.date(2026, 3, 29), "0 * * * *", 23),
+    (PARIS, datetime.date(2026, 10, 25), "0 * * * *", 24),
+    (NEW_YORK, datetime.date(2026, 3, 8), "0 * * * *", 23),
+    (NEW_YORK, datetime.date(2026, 11, 1), "0 * * * *", 24),
+    (PARIS, datetime.date(2026, 3, 29), "*/15 * * * *", 92),
+    (PARIS, datetime.date(2026, 10, 25), "*/15 * * * *", 96),
+    (NEW_YORK, datetime.date(2026, 3, 8), "*/15 * * * *", 92),
+    (NEW_YORK, datetime.date(2026, 11, 1), "*/15 * * * *", 96),
+    (NEW_YORK, datetime.date(2026, 11, 1), "* * * * *", 1440),
+    (NEW_YORK, datetime.date(2026, 3, 8), "* * * * *", 1380),
+])
+def test_walk_across_transitions(zone, day, expression, count):
+    cron = _Cron(expression, tz=zone)
+    times = day_firings(cron, zone, day)
+    assert_increasing(times)
+    assert len(times) == len(set(times)) == count
+    walls = [datetime.datetime.fromtimestamp(ts, zone).replace(tzinfo=None)
+             for ts in times]
+    assert_increasing(walls)  # the wall clock never goes back: nothing replayed
+
+
+def test_spring_gap_jumps_to_the_end_of_the_gap():
+    cron = _Cron("*/15 * * * *", tz="Europe/Paris")
+    before = utc(2026, 3, 29, 0, 45)  # 01:45 CET
+    assert cron.next_after(before) == utc(2026, 3, 29, 1, 0)  # 03:00 CEST
+    assert cron.next_after(utc(2026, 3, 29, 1, 0)) == utc(2026, 3, 29, 1, 15)
+
+
+def test_gap_slot_alone_fires_at_the_transition():
+    cron = _Cron("15,45 2 * * *", tz="America/New_York")  # both in the gap
+    start = local(NEW_YORK, 2026, 3, 8)
+    assert cron.next_after(start) == utc(2026, 3, 8, 7, 0)  # 03:00 EDT
+    assert cron.next_after(utc(2026, 3, 8, 7, 0)) == local(NEW_YORK, 2026, 3, 9, 2, 15)
+
+
+def test_fall_back_skips_the_repeated_hour():
+    cron = _Cron("*/15 * * * *", tz="America/New_York")
+    first_pass_end = utc(2026, 11, 1, 5, 45)  # 01:45 EDT
+    assert cron.next_after(first_pass_end) == utc(2026, 11, 1, 7, 0)  # 02:00 EST
+    for minute in (0, 10, 15, 59):  # inside the second pass, 01:xx EST
+        assert cron.next_after(utc(2026, 11, 1, 6, minute)) == utc(2026, 11, 1, 7, 0)
+
+
+def test_fall_back_in_paris():
+    cron = _Cron("*/15 * * * *", tz="Europe/Paris")
+    assert cron.next_after(utc(2026, 10, 25, 0, 45)) == utc(2026, 10, 25, 2, 0)
+    assert cron.next_after(utc(2026, 10, 25, 1, 20)) == utc(2026, 10, 25, 2, 0)
 
 
 # Dashboard (-i) ###############################################################
