@@ -4411,13 +4411,1034 @@ def _clean(text):
     return "".join(c if c.isprintable() else " " for c in text)
 
 
+# Web view #####################################################################
+#
+# ``castor web main:manager``, or ``manager.wsgi_app()`` mounted in an app: a
+# WSGI application on the standard library alone. Pages are built on the
+# server, and every value that came from a task goes through _esc; the
+# overview then polls /api/summary, which reads counts() and one page of
+# tasks (never a scan), and app.js draws the rows with textContent only. The
+# script and the stylesheet are served from the constants below, so the
+# Content-Security-Policy allows no inline script or style at all: an
+# argument like "<script>" is text, and would not run even if it got through.
+#
+# Actions are POST forms carrying a CSRF token: the HMAC, under a secret
+# drawn when the app starts, of a random value kept in a SameSite=Strict,
+# HttpOnly cookie (a signed double submit). Another site can make a browser
+# send the cookie, but can neither read it nor compute the token. Each action
+# answers 303 back to its page, with a flash message signed the same way, so
+# a link cannot make the page say something castor did not.
+
+#: Tasks on one page of the overview's list.
+WEB_PAGE_SIZE = 50
+
+#: Milliseconds between two polls of /api/summary by an open overview.
+WEB_POLL_MS = 2000
+
+#: The largest POST body, in bytes: the forms carry a few short fields.
+WEB_MAX_FORM = 16 * 1024
+
+#: Characters of a task's arguments shown in the list, "…" after that.
+WEB_ARGS_PREVIEW = 80
+
+#: The age the prune form offers, in days.
+WEB_PRUNE_DAYS = 7
+
+#: The cookie holding the random half of the CSRF token.
+_CSRF_COOKIE = "castor_csrf"
+
+#: Only castor's own files: no inline script or style, no frames, no plugins.
+_WEB_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+#: Headers of every reply.
+_WEB_HEADERS = (("Content-Security-Policy", _WEB_CSP), ("X-Content-Type-Options", "nosniff"),
+                ("X-Frame-Options", "DENY"), ("Referrer-Policy", "same-origin"))
+
+#: Shown on every page when the app has no ``auth``.
+_NO_AUTH_WARNING = ("No authentication: anyone who can reach this page can retry, cancel "
+                    "and prune tasks.")
+
+#: The routes: (method, path) to the _WebApp method that answers; "*" is a task id.
+_WEB_ROUTES = {
+    ("GET", "/"): "_overview",
+    ("GET", "/task/*"): "_task_page",
+    ("GET", "/api/summary"): "_summary",
+    ("GET", "/static/app.js"): "_script",
+    ("GET", "/static/app.css"): "_style",
+    ("POST", "/task/*/retry"): "_retry_one",
+    ("POST", "/task/*/cancel"): "_cancel_one",
+    ("POST", "/retry-failed"): "_retry_failed",
+    ("POST", "/prune"): "_prune",
+}
+
+
 class _WebApp:
+    """The web view as a WSGI application: ``manager.wsgi_app(auth="user:password")``."""
+
     def __init__(self, manager, auth=None):
-        raise CastorError("TODO")
+        import secrets
+        if auth is not None and (not isinstance(auth, str) or ":" not in auth):
+            raise ValueError(f"auth must be 'user:password' or None, not {auth!r}")
+        self.manager = manager
+        self.auth = None if auth is None else auth.encode()
+        self._secret = secrets.token_bytes(32)  # tokens die with the process
+
+    def __repr__(self):
+        return f"<castor web view of {self.manager.path!r}>"
+
+    def __call__(self, environ, start_response):
+        request = _Request(environ)
+        try:
+            response = self._handle(request)
+        except Exception as exc:  # one bad request must not take the server down
+            logger.exception("web view: %s %s failed", request.method, request.path)
+            shown = str(exc) if isinstance(exc, CastorError) else "see the server's log"
+            response = self._error(request, "500 Internal Server Error", shown)
+        return response.send(start_response, request.method)
+
+    def _handle(self, request):
+        if not self._authorized(request):
+            return _web_unauthorized()
+        key, request.task_id = _web_route(request.path)
+        method = "GET" if request.method == "HEAD" else request.method
+        name = _WEB_ROUTES.get((method, key))
+        if name is None:
+            return self._no_route(request, key)
+        if method == "POST":
+            request.fields = request.form()
+            if request.fields is None:
+                return self._error(request, "413 Content Too Large", "This form is too large.")
+            if not self._csrf_ok(request):
+                return self._error(request, "403 Forbidden", "The form's security token is "
+                                   "missing or stale: reload the page and try again.")
+        return getattr(self, name)(request)
+
+    def _no_route(self, request, key):
+        allowed = [method for method, path in _WEB_ROUTES if path == key]
+        if not allowed:
+            return self._error(request, "404 Not Found", "There is no such page.")
+        methods = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
+        return self._error(request, "405 Method Not Allowed", f"This page takes {methods}.",
+                           headers=[("Allow", methods)])
+
+    # Who may -----------------------------------------------------------------
+
+    def _authorized(self, request):
+        """HTTP Basic, compared in constant time; True when the app has no auth."""
+        if self.auth is None:
+            return True
+        import base64
+        import hmac
+        scheme, _, value = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(value.strip(), validate=True)
+        except ValueError:  # binascii.Error: not base64
+            return False
+        return hmac.compare_digest(given, self.auth)
+
+    def _csrf_cookie(self, request):
+        """The browser's random CSRF value, or a new one if it sent none we could use."""
+        import secrets
+        if request.csrf is None:
+            sent = request.cookies.get(_CSRF_COOKIE, "")
+            request.csrf = sent if _web_token_like(sent) else secrets.token_urlsafe(32)
+        return request.csrf
+
+    def _csrf_ok(self, request):
+        sent = request.cookies.get(_CSRF_COOKIE, "")
+        token = request.fields.get("csrf", "")
+        return _web_token_like(sent) and _web_same(token, self._sign("csrf", sent))
+
+    def _sign(self, purpose, text):
+        import hashlib
+        import hmac
+        message = f"{purpose}\n{text}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def _csrf_field(self, request):
+        token = self._sign("csrf", self._csrf_cookie(request))
+        return f'<input type="hidden" name="csrf" value="{token}">'
+
+    def _cookie(self, request):
+        """Set-Cookie for the CSRF value: scoped to this mount, never sent cross-site."""
+        path = _web_quote(request.base) + "/"
+        secure = "; Secure" if request.secure else ""
+        return ("Set-Cookie", f"{_CSRF_COOKIE}={self._csrf_cookie(request)}; Path={path}; "
+                              f"HttpOnly; SameSite=Strict{secure}")
+
+    # Pages -------------------------------------------------------------------
+
+    def _overview(self, request):
+        view = _web_view(request.query)
+        counts = self.manager.counts()
+        rows, more = self._rows(view)
+        content = "".join([
+            '<div class="top">', _web_counts(request, counts, view), _WEB_CHART, "</div>",
+            self._filters(request, view), self._bulk_actions(request, view),
+            _web_task_table(request, view, rows, more),
+            _web_workers(self.manager.workers()), _web_periodic(self.manager.periodic()),
+        ])
+        data = {"page": "overview", "poll": WEB_POLL_MS, "status": view["status"] or "",
+                "name": view["name"] or "", "offset": view["offset"]}
+        return self._page(request, "Tasks", content, data=data)
+
+    def _task_page(self, request):
+        handle = self.manager.get_task_by_id(request.task_id)
+        try:
+            doc = None if handle is None else handle.info()
+        except UnknownTaskError:  # pruned since get_task_by_id
+            doc = None
+        if doc is None:
+            return self._error(request, "404 Not Found", f"There is no task {request.task_id!r}"
+                               " (it may have been pruned).")
+        content = (_web_task_head(request, doc) + self._task_actions(request, doc)
+                   + _web_task_body(doc))
+        return self._page(request, doc.get("task_name") or "Task", content,
+                          data={"page": "task"})
+
+    def _summary(self, request):
+        """The overview's live data: counts() and one page of the list, nothing more."""
+        view = _web_view(request.query)
+        counts = self.manager.counts()
+        rows, more = self._rows(view)
+        return _web_json({"counts": counts, "tasks": rows, "more": more,
+                          "offset": view["offset"], "limit": WEB_PAGE_SIZE})
+
+    def _script(self, request):
+        return _Response("200 OK", _WEB_JS, "text/javascript; charset=utf-8",
+                         cache="private, max-age=86400")
+
+    def _style(self, request):
+        return _Response("200 OK", _WEB_CSS, "text/css; charset=utf-8",
+                         cache="private, max-age=86400")
+
+    def _rows(self, view):
+        """One page of the list, and whether an older page exists (one more row read)."""
+        docs = self.manager.tasks(view["status"], WEB_PAGE_SIZE + 1, name=view["name"],
+                                  offset=view["offset"])
+        now = time.time()
+        return [_web_row(doc, now) for doc in docs[:WEB_PAGE_SIZE]], len(docs) > WEB_PAGE_SIZE
+
+    def _page(self, request, title, content, status="200 OK", data=None, headers=()):
+        attrs = _web_attrs({"base": _web_quote(request.base), **(data or {})})
+        text = _WEB_PAGE.format(
+            title=_esc(title), css=request.href("/static/app.css", v=__version__),
+            js=request.href("/static/app.js", v=__version__), home=request.href("/"),
+            store=_esc(self.manager.path), attrs=attrs, notices=self._notices(request),
+            content=content)
+        return _Response(status, text, headers=[self._cookie(request), *headers])
+
+    def _error(self, request, status, message, headers=()):
+        content = f"<h1>{_esc(status)}</h1><p>{_esc(message)}</p>"
+        back = f'<p><a href="{request.href("/")}">Back to the tasks</a></p>'
+        return self._page(request, status, content + back, status=status, headers=headers)
+
+    def _notices(self, request):
+        notices = []
+        if self.auth is None:
+            notices.append(f'<p class="warning" role="alert">{_esc(_NO_AUTH_WARNING)}</p>')
+        message, level = request.query.get("msg", ""), request.query.get("level", "ok")
+        signature = self._sign("flash", f"{level}\n{message}")
+        if message and _web_same(request.query.get("sig", ""), signature):
+            css = "error" if level == "error" else "ok"
+            notices.append(f'<p class="flash {css}" role="status">{_esc(message)}</p>')
+        return "".join(notices)
+
+    # Forms -------------------------------------------------------------------
+
+    def _form(self, request, path, label, fields=None, css="", before=""):
+        """A POST form of one button, with its CSRF token and hidden ``fields``."""
+        hidden = "".join(f'<input type="hidden" name="{_esc(key)}" value="{_esc(value)}">'
+                         for key, value in (fields or {}).items() if value)
+        return (f'<form method="post" action="{request.href(path)}">'
+                f"{self._csrf_field(request)}{hidden}{before}"
+                f'<button type="submit" class="{css}">{_esc(label)}</button></form>')
+
+    def _filters(self, request, view):
+        options = "".join(f'<option value="{s}"{" selected" * (view["status"] == s)}>{s}'
+                          "</option>" for s in STATUSES)
+        names = "".join(f'<option value="{_esc(name)}">' for name in sorted(
+            self.manager.registry))
+        return (f'<form class="filters" method="get" action="{request.href("/")}">'
+                f'<label>Status <select name="status"><option value="">all</option>{options}'
+                f'</select></label><label>Task <input name="name" list="task-names" '
+                f'value="{_esc(view["name"] or "")}" placeholder="module.function" size="32">'
+                f'</label><datalist id="task-names">{names}</datalist>'
+                f'<button type="submit">Filter</button>'
+                f'<a href="{request.href("/")}">Clear</a></form>')
+
+    def _bulk_actions(self, request, view):
+        fields = {"status": view["status"], "name": view["name"]}
+        which = f"Retry failed {view['name']} tasks" if view["name"] else "Retry all failed"
+        days = (f'<label>Prune finished older than <input type="number" name="days" min="0" '
+                f'step="any" value="{WEB_PRUNE_DAYS}" required> days</label>')
+        return ('<div class="actions">' + self._form(request, "/retry-failed", which, fields)
+                + self._form(request, "/prune", "Prune", fields, "danger", days) + "</div>")
+
+    def _task_actions(self, request, doc):
+        path = f"/task/{_web_quote(doc.get('id') or '', '')}"
+        forms = []
+        if doc.get("status") in ("failed", "cancelled"):
+            forms.append(self._form(request, path + "/retry", "Retry", css="primary"))
+        if doc.get("status") in ("pending", "running"):
+            forms.append(self._form(request, path + "/cancel", "Cancel", css="danger"))
+        return f'<div class="actions">{"".join(forms)}</div>' if forms else ""
+
+    # Actions -----------------------------------------------------------------
+
+    def _retry_one(self, request):
+        handle = self.manager.get_task_by_id(request.task_id)
+        if handle is None:
+            return self._error(request, "404 Not Found", f"There is no task {request.task_id!r}.")
+        if handle.retry():
+            return self._back(request, self._task_path(request), "Sent back to pending: the task "
+                              "will run again.")
+        return self._back(request, self._task_path(request), "Not retried: only a failed or "
+                          "cancelled task can be retried.", "error")
+
+    def _cancel_one(self, request):
+        handle = self.manager.get_task_by_id(request.task_id)
+        if handle is None:
+            return self._error(request, "404 Not Found", f"There is no task {request.task_id!r}.")
+        running = handle.status() == "running"  # only for the wording
+        if handle.cancel():
+            return self._back(request, self._task_path(request), "Asked to stop: the running "
+                              "task stops at its next cancellation check." if running
+                              else "Cancelled.")
+        return self._back(request, self._task_path(request), "Not cancelled: the task had "
+                          "already finished.", "error")
+
+    def _retry_failed(self, request):
+        view = _web_view(request.fields)
+        n = self.manager.requeue(status="failed", name=view["name"])
+        which = f" {view['name']}" if view["name"] else ""
+        return self._back(request, "/", f"{n:,} failed{which} task(s) sent back to pending.",
+                          query={"status": view["status"], "name": view["name"]})
+
+    def _prune(self, request):
+        view = _web_view(request.fields)
+        query = {"status": view["status"], "name": view["name"]}
+        days = _web_days(request.fields.get("days", ""))
+        if days is None:
+            return self._back(request, "/", "Not pruned: give an age in days, like 7 or 0.5.",
+                              "error", query)
+        n = self.manager.prune(older_than=days * 86400)
+        return self._back(request, "/", f"Pruned {n:,} task(s) finished more than {days:g} "
+                          "day(s) ago.", query=query)
+
+    def _task_path(self, request):
+        return f"/task/{_web_quote(request.task_id, '')}"
+
+    def _back(self, request, path, message, level="ok", query=None):
+        """303 to ``path`` with a signed flash message: a reload never repeats the POST."""
+        signature = self._sign("flash", f"{level}\n{message}")
+        url = request.url(path, **(query or {}), msg=message, level=level, sig=signature)
+        return _Response("303 See Other", "", headers=[("Location", url)])
+
+
+class _Request:
+    """What the web view reads of a WSGI request."""
+
+    def __init__(self, environ):
+        import urllib.parse
+        self.environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET").upper()
+        self.path = _wsgi_text(environ.get("PATH_INFO", "")) or "/"
+        self.base = _wsgi_text(environ.get("SCRIPT_NAME", "")).rstrip("/")
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=50)
+        self.query = {key: values[0] for key, values in query.items()}
+        self.cookies = _web_cookies(environ.get("HTTP_COOKIE", ""))
+        self.secure = environ.get("wsgi.url_scheme") == "https"
+        self.task_id, self.fields, self.csrf = None, None, None
+
+    def url(self, path, **query):
+        """``path`` under this mount, with the query items that have a value."""
+        import urllib.parse
+        items = {key: value for key, value in query.items() if value not in (None, "")}
+        tail = "?" + urllib.parse.urlencode(items) if items else ""
+        return _web_quote(self.base) + path + tail
+
+    def href(self, path, **query):
+        """``url``, escaped for an HTML attribute."""
+        return _esc(self.url(path, **query))
+
+    def form(self):
+        """A url-encoded POST body as {name: first value}; None when too large."""
+        import urllib.parse
+        try:
+            length = int(self.environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > WEB_MAX_FORM:
+            return None
+        body = self.environ["wsgi.input"].read(length) if length > 0 else b""
+        fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True,
+                                       max_num_fields=50)
+        return {key: values[0] for key, values in fields.items()}
+
+
+class _Response:
+    """A reply: ``send`` adds the length and the headers every reply has."""
+
+    __slots__ = ("status", "body", "ctype", "headers", "cache")
+
+    def __init__(self, status, body, ctype="text/html; charset=utf-8", headers=(),
+                 cache="no-store"):
+        self.status, self.ctype, self.headers, self.cache = status, ctype, list(headers), cache
+        self.body = body.encode() if isinstance(body, str) else body
+
+    def send(self, start_response, method):
+        headers = [("Content-Type", self.ctype), ("Content-Length", str(len(self.body))),
+                   ("Cache-Control", self.cache), *_WEB_HEADERS, *self.headers]
+        start_response(self.status, headers)
+        return [] if method == "HEAD" else [self.body]
+
+
+def _web_unauthorized():
+    return _Response("401 Unauthorized", "Authentication required.\n",
+                     "text/plain; charset=utf-8",
+                     headers=[("WWW-Authenticate", 'Basic realm="castor", charset="UTF-8"')])
+
+
+def _web_json(value):
+    return _Response("200 OK", json.dumps(value, ensure_ascii=False),
+                     "application/json; charset=utf-8")
+
+
+# Web view: helpers ############################################################
+
+
+def _web_route(path):
+    """(route key, task id): "/task/ID/retry" gives ("/task/*/retry", "ID")."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[1] == "task" and parts[2]:
+        return "/".join(parts[:2] + ["*"] + parts[3:]), parts[2]
+    return path, None
+
+
+def _web_view(fields):
+    """The list's filters from a query or a form: status, name, offset, checked."""
+    status = fields.get("status") or None
+    offset = fields.get("offset", "")
+    return {"status": status if status in STATUSES else None,
+            "name": fields.get("name", "").strip() or None,
+            "offset": int(offset) if offset.isascii() and offset.isdigit() else 0}
+
+
+def _web_days(text):
+    """Days from the prune form, or None if they are not a sensible age."""
+    try:
+        days = float(text)
+    except ValueError:
+        return None
+    return days if 0 <= days <= MAX_SECONDS / 86400 else None  # also refuses NaN
+
+
+def _wsgi_text(value):
+    """A WSGI path as text: servers hand over its bytes decoded as latin-1 (PEP 3333)."""
+    try:
+        return value.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a server that decoded it as UTF-8 already
+        return value
+
+
+def _web_cookies(header):
+    """{name: value} of a Cookie header; malformed pieces are skipped."""
+    cookies = {}
+    for piece in header.split(";"):
+        name, sep, value = piece.strip().partition("=")
+        if sep and name:
+            cookies.setdefault(name, value.strip('"'))
+    return cookies
+
+
+def _web_token_like(text):
+    """A CSRF value as castor makes them: short, URL-safe base64 only."""
+    return 16 <= len(text) <= 128 and text.isascii() and text.replace("-", "a").replace(
+        "_", "a").isalnum()
+
+
+def _web_same(given, expected):
+    import hmac
+    return given.isascii() and hmac.compare_digest(given, expected)
+
+
+def _web_quote(text, safe="/"):
+    import urllib.parse
+    return urllib.parse.quote(text, safe=safe)
+
+
+def _esc(value):
+    """Text for HTML, quotes included: everything shown from a task goes through here."""
+    import html
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _web_attrs(data):
+    """``data-*`` attributes of the page's body: how app.js learns the page's state."""
+    return "".join(f' data-{key}="{_esc(value)}"' for key, value in data.items())
+
+
+def _web_time(iso):
+    """2025-09-25T16:04:14.123456Z as 2025-09-25 16:04:14; "-" for none."""
+    if not isinstance(iso, str) or not iso:
+        return "-"
+    return iso.replace("T", " ").split(".")[0].rstrip("Z")
+
+
+def _web_value(value):
+    """A JSON value as its JSON text, on several lines if it is large."""
+    text = json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, indent=2) if len(text) > 60 else text
+
+
+def _web_call(doc):
+    """The arguments as a call reads them, ``1, "a", key=2``, cut to a preview."""
+    args = doc.get("args") if isinstance(doc.get("args"), list) else []
+    kwargs = doc.get("kwargs") if isinstance(doc.get("kwargs"), dict) else {}
+    parts, size = [], 0
+    pieces = [(None, arg) for arg in args] + list(kwargs.items())
+    for key, value in pieces:
+        parts.append(("" if key is None else f"{key}=") + json.dumps(value, ensure_ascii=False))
+        size += len(parts[-1]) + 2
+        if size > WEB_ARGS_PREVIEW:  # a huge argument is dumped once, never more
+            break
+    text = ", ".join(parts)
+    return text if len(text) <= WEB_ARGS_PREVIEW else text[:WEB_ARGS_PREVIEW - 1] + "…"
+
+
+def _web_progress(progress):
+    """A progress report as {done, total, text}, or None; a task wrote it, so check it."""
+    if not isinstance(progress, dict):
+        return None
+    done, total = progress.get("done"), progress.get("total")
+    if not _web_number(done):
+        return None
+    total = total if _web_number(total) and total > 0 else None
+    text = f"{done:g}/{total:g}" if total else f"{done:g}"
+    message = progress.get("message")
+    return {"done": done, "total": total,
+            "text": f"{text} {message}" if isinstance(message, str) and message else text}
+
+
+def _web_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _web_row(doc, now):
+    """What the list shows of a task, for the page and /api/summary alike."""
+    return {"id": str(doc.get("id")), "task_name": str(doc.get("task_name")),
+            "status": str(doc.get("status")), "args": _web_call(doc),
+            "enqueued": _web_time(doc.get("enqueued_at")), "ran": _web_ran(doc, now),
+            "attempts": doc.get("attempts", 0), "progress": _web_progress(doc.get("progress"))}
+
+
+def _web_ran(doc, now):
+    """How long it ran; for a task scheduled later, when it is due."""
+    if doc.get("status") == "pending" and doc.get("eta"):
+        return f"due {_web_time(doc['eta'])}"
+    return _duration(doc, now)
+
+
+def _web_table(headers, rows, css="", body_id=""):
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    tbody = f'<tbody id="{body_id}">' if body_id else "<tbody>"
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead>{tbody}{body}</tbody></table>'
+
+
+def _web_badge(status):
+    return f'<span class="badge s-{_esc(status)}">{_esc(status)}</span>'
+
+
+# Web view: the overview #######################################################
+
+
+def _web_counts(request, counts, view):
+    cards = [("all", sum(counts.values()), None)]
+    cards += [(status, counts.get(status, 0), status) for status in STATUSES]
+    return '<section class="counts">' + "".join(
+        f'<a class="count s-{key}{" on" * (view["status"] == status)}" '
+        f'href="{request.href("/", status=status, name=view["name"])}">'
+        f'<span class="n" id="count-{key}" data-n="{n}">{n:,}</span>{key}</a>'
+        for key, n, status in cards) + "</section>"
+
+
+def _web_task_table(request, view, rows, more):
+    table = _web_table(("Status", "Task", "Arguments", "Enqueued (UTC)", "Ran", "Attempts",
+                        "Progress"), [_web_cells(request, row) for row in rows],
+                       "tasks", "task-rows")
+    query = {"status": view["status"], "name": view["name"]}
+    newer = request.href("/", **query, offset=max(0, view["offset"] - WEB_PAGE_SIZE) or None)
+    older = request.href("/", **query, offset=view["offset"] + WEB_PAGE_SIZE)
+    hide = ' hidden' if rows else ""
+    return (f'<section><h2>Tasks <span class="live muted" id="live"></span></h2>{table}'
+            f'<p class="muted" id="no-tasks"{hide}>No tasks.</p><nav class="pager">'
+            f'<a id="newer" href="{newer}"{" hidden" * (view["offset"] == 0)}>← Newer</a>'
+            f'<a id="older" href="{older}"{" hidden" * (not more)}>Older →</a></nav></section>')
+
+
+def _web_cells(request, row):
+    """A row of the list as HTML cells; app.js builds the very same from JSON."""
+    link = request.href(f"/task/{_web_quote(row['id'], '')}")
+    progress = row["progress"]
+    bar = ""
+    if progress is not None:
+        meter = (f'<progress max="{progress["total"]:g}" value="{progress["done"]:g}">'
+                 "</progress> " if progress["total"] else "")
+        bar = f'<span class="progress">{meter}{_esc(progress["text"])}</span>'
+    return [_web_badge(row["status"]), f'<a href="{link}">{_esc(row["task_name"])}</a>',
+            f'<code class="args">{_esc(row["args"])}</code>', _esc(row["enqueued"]),
+            _esc(row["ran"]), _esc(row["attempts"]), bar]
+
+
+def _web_workers(workers):
+    rows = [[_esc(w.get("id")), _esc(w.get("host")), _esc(w.get("pid")),
+             _esc(_web_time(w.get("started_at"))), _web_age(w.get("age")),
+             _esc(_pools_text(w.get("pools"))), _esc(w.get("version") or "-"),
+             _esc(w.get("target") or "-")] for w in workers]
+    table = _web_table(("Worker", "Host", "PID", "Started (UTC)", "Heartbeat", "Pools",
+                        "Version", "Target"), rows, "workers")
+    none = "" if rows else '<p class="muted">No worker is running.</p>'
+    return f"<section><h2>Workers</h2>{table if rows else none}</section>"
+
+
+def _web_age(age):
+    if not _web_number(age):
+        return "-"
+    late = ' class="stale"' if age > 3 * HEARTBEAT_INTERVAL else ""
+    return f"<span{late}>{age:.1f} s ago</span>"
+
+
+def _web_periodic(periodic):
+    if not periodic:
+        return ""
+    rows = [[_esc(p.get("name")), _esc(p.get("schedule")), _esc(_web_time(p.get("next_run")))]
+            for p in periodic]
+    table = _web_table(("Periodic task", "Schedule", "Next run (UTC)"), rows, "periodic")
+    return f"<section><h2>Periodic tasks</h2>{table}</section>"
+
+
+# Web view: the task page ######################################################
+
+
+def _web_task_head(request, doc):
+    return (f'<p><a href="{request.href("/")}">← All tasks</a></p>'
+            f'<h1>{_esc(doc.get("task_name"))} {_web_badge(doc.get("status"))}</h1>'
+            f'<p class="muted mono">{_esc(doc.get("id"))}</p>')
+
+
+def _web_task_body(doc):
+    parts = [_web_details(doc), _web_task_progress(doc.get("progress")),
+             f'<h2>Arguments</h2><pre id="args">{_esc(_web_value(doc.get("args") or []))}</pre>',
+             f'<h2>Keyword arguments</h2><pre id="kwargs">'
+             f'{_esc(_web_value(doc.get("kwargs") or {}))}</pre>']
+    if doc.get("status") == "success":
+        parts.append(f'<h2>Result</h2><pre id="result">{_esc(_web_value(doc.get("result")))}</pre>')
+    if doc.get("error"):
+        parts.append(_web_error(doc))
+    parts.append(_web_history(doc.get("history")))
+    return "".join(parts)
+
+
+def _web_details(doc):
+    tries = doc.get("retries", 0) + 1 if isinstance(doc.get("retries"), int) else "?"
+    items = [("Status", doc.get("status")), ("Mode", doc.get("mode")),
+             ("Priority", doc.get("priority")), ("Attempts", f"{doc.get('attempts')} of {tries}"),
+             ("Losses", doc.get("losses")), ("Worker", doc.get("worker") or "-"),
+             ("Enqueued (UTC)", _web_time(doc.get("enqueued_at"))),
+             ("Due (UTC)", _web_time(doc.get("eta"))),
+             ("Started (UTC)", _web_time(doc.get("started_at"))),
+             ("Finished (UTC)", _web_time(doc.get("finished_at"))),
+             ("Ran", _duration(doc, time.time()) or "-")]
+    if doc.get("requeued_at"):
+        items.append(("Requeued (UTC)", _web_time(doc.get("requeued_at"))))
+    rows = "".join(f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in items)
+    return f'<dl class="details">{rows}</dl>'
+
+
+def _web_task_progress(progress):
+    shown = _web_progress(progress)
+    if shown is None:
+        return ""
+    bar = (f'<progress class="wide" max="{shown["total"]:g}" value="{shown["done"]:g}">'
+           "</progress> " if shown["total"] else "")
+    at = _web_time(progress.get("at"))
+    return (f'<h2>Progress</h2><p>{bar}{_esc(shown["text"])} '
+            f'<span class="muted">at {_esc(at)} UTC</span></p>')
+
+
+def _web_error(doc):
+    exc = doc.get("exception") if isinstance(doc.get("exception"), dict) else {}
+    module = exc.get("module") if exc.get("module") != "builtins" else None
+    kind = ".".join(str(part) for part in (module, exc.get("qualname")) if part)
+    summary = f"{kind}: {exc.get('message', '')}" if kind else ""
+    title = "Cancelled" if doc.get("status") == "cancelled" else "Error"
+    return (f"<h2>{title}</h2>" + (f'<p class="error-line">{_esc(summary)}</p>' * bool(summary))
+            + f'<pre class="traceback">{_esc(doc.get("error"))}</pre>')
+
+
+def _web_history(history):
+    """Earlier runs of a retried task: status, attempts, times, and the error."""
+    if not isinstance(history, list) or not history:
+        return ""
+    rows = []
+    for n, past in enumerate(history, 1):
+        past = past if isinstance(past, dict) else {}
+        error = str(past.get("error") or "")
+        last = error.strip().splitlines()[-1] if error.strip() else "-"
+        shown = (f"<details><summary>{_esc(last)}</summary><pre>{_esc(error)}</pre></details>"
+                 if error else "-")
+        rows.append([str(n), _web_badge(past.get("status")), _esc(past.get("attempts")),
+                     _esc(_web_time(past.get("started_at"))),
+                     _esc(_web_time(past.get("finished_at"))), shown])
+    table = _web_table(("Run", "Status", "Attempts", "Started (UTC)", "Finished (UTC)",
+                        "Error"), rows, "history")
+    return f"<h2>History</h2>{table}"
+
+
+# Web view: serving ############################################################
 
 
 def _serve_web(manager, host, port, auth):
-    raise CastorError("TODO")
+    """``castor web``: serve until Ctrl+C or SIGTERM, then return 0."""
+    try:
+        server = _web_server(manager.wsgi_app(auth=auth), host, port)
+    except OSError as exc:
+        logger.error("cannot serve the web view on %s:%s: %s", host, port, exc)
+        return 1
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("Serving the castor web view on http://%s:%d/", shown, server.server_port)
+    if auth is None and not _is_loopback(host):
+        logger.warning("The web view has no authentication and %s is not a loopback "
+                       "address: anyone who can reach it can retry, cancel and prune tasks "
+                       "(use --auth USER:PASSWORD)", host or "every address")
+    restore = _stop_on_sigterm()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("Web view stopped")
+    finally:
+        restore()
+        server.server_close()
+    return 0
+
+
+def _web_server(app, host, port):
+    """A wsgiref server for ``app``, a thread per request (port 0: any free port)."""
+    server_class, handler_class = _web_server_classes()
+    server = server_class((host, port), handler_class)
+    server.set_app(app)
+    return server
+
+
+@functools.cache
+def _web_server_classes():
+    import socket
+    import socketserver
+    from wsgiref import simple_server
+
+    class Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+        daemon_threads = True  # a browser's open connection never holds up the exit
+
+        def __init__(self, address, handler):
+            if ":" in address[0]:
+                self.address_family = socket.AF_INET6
+            super().__init__(address, handler)
+
+        def handle_error(self, request, client_address):
+            # A browser that hung up is no news; the app logs its own errors.
+            logger.debug("web view: connection from %s failed", client_address, exc_info=True)
+
+    class Handler(simple_server.WSGIRequestHandler):
+        def log_message(self, format, *args):
+            logger.debug("web view: %s %s", self.address_string(), format % args)
+    return Server, Handler
+
+
+def _is_loopback(host):
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" for every address: it may be reachable
+        return False
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops the server as Ctrl+C does; returns what puts things back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+# Web view: page, script and style #############################################
+
+#: The frame of every page; what goes in is escaped first.
+_WEB_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · castor</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="{css}">
+<script src="{js}" defer></script>
+</head>
+<body{attrs}>
+<header><a class="brand" href="{home}">castor</a><span class="muted mono">{store}</span></header>
+<main>
+{notices}{content}
+</main>
+</body>
+</html>
+"""
+
+#: The rate chart; app.js draws its line from successive counts.
+_WEB_CHART = """\
+<section class="rate"><div class="rate-head">Finished per second \
+<strong id="rate-now">-</strong> <span class="muted" id="rate-max"></span></div>\
+<svg id="rate-chart" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" \
+aria-label="Tasks finished per second, last two minutes">\
+<line class="axis" x1="0" y1="59" x2="300" y2="59"></line>\
+<polygon id="rate-area" points=""></polygon>\
+<polyline id="rate-line" points=""></polyline></svg></section>"""
+
+#: The overview's script: counts, rate chart and list, from /api/summary.
+_WEB_JS = r"""// castor web view. Task data goes into textContent and attributes only,
+// never into innerHTML: a task's "<script>" stays text.
+"use strict";
+(() => {
+  const data = document.body.dataset;
+  const STATUSES = ["pending", "running", "success", "failed", "cancelled"];
+  const POINTS = 60;  // rate samples drawn: two minutes at one poll per 2 s
+  const rates = [];
+  let last = null;
+
+  function dropFlash() {  // a reload must not show the message again
+    const url = new URL(location.href);
+    if (!url.searchParams.has("msg")) return;
+    for (const key of ["msg", "level", "sig"]) url.searchParams.delete(key);
+    history.replaceState(null, "", url);
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function cell(content) {
+    const td = document.createElement("td");
+    td.append(content);  // a string becomes a text node
+    return td;
+  }
+
+  function progress(p) {
+    if (!p) return "";
+    const span = el("span", "progress");
+    if (p.total) {
+      const bar = el("progress");
+      bar.max = p.total;
+      bar.value = p.done;
+      span.append(bar, " ");
+    }
+    span.append(p.text);
+    return span;
+  }
+
+  function row(task) {  // the same cells as _web_cells on the server
+    const link = el("a", null, task.task_name);
+    link.href = data.base + "/task/" + encodeURIComponent(task.id);
+    const tr = document.createElement("tr");
+    tr.dataset.id = task.id;
+    tr.append(cell(el("span", "badge s-" + task.status, task.status)), cell(link),
+              cell(el("code", "args", task.args)), cell(task.enqueued), cell(task.ran),
+              cell(String(task.attempts)), cell(progress(task.progress)));
+    return tr;
+  }
+
+  function setCount(key, n) {
+    const node = document.getElementById("count-" + key);
+    node.dataset.n = n;
+    node.textContent = n.toLocaleString("en-US");
+  }
+
+  function finished(counts) {
+    return counts.success + counts.failed + counts.cancelled;
+  }
+
+  function sample(counts) {  // finished per second since the previous poll
+    const now = performance.now(), done = finished(counts);
+    if (last !== null && now > last.at) {
+      rates.push(Math.max(0, (done - last.done) * 1000 / (now - last.at)));  // prune lowers it
+      if (rates.length > POINTS) rates.shift();
+    }
+    last = {at: now, done: done};
+  }
+
+  function draw() {
+    const top = Math.max(1, ...rates);
+    const span = Math.max(rates.length, 12) - 1;  // a few samples are not squeezed
+    const points = rates.map((rate, i) => {
+      const x = 300 * (span - rates.length + 1 + i) / Math.max(span, 1);
+      return x.toFixed(1) + "," + (58 - 56 * rate / top).toFixed(1);
+    });
+    document.getElementById("rate-line").setAttribute("points", points.join(" "));
+    const area = points.length ? [points[0].split(",")[0] + ",59", ...points,
+                                  points[points.length - 1].split(",")[0] + ",59"] : [];
+    document.getElementById("rate-area").setAttribute("points", area.join(" "));
+    const now = rates.length ? rates[rates.length - 1] : null;
+    document.getElementById("rate-now").textContent = now === null ? "-" : now.toFixed(1);
+    document.getElementById("rate-max").textContent = "(scale " + top.toFixed(1) + "/s)";
+  }
+
+  function render(summary) {
+    let total = 0;
+    for (const status of STATUSES) {
+      setCount(status, summary.counts[status] || 0);
+      total += summary.counts[status] || 0;
+    }
+    setCount("all", total);
+    document.getElementById("task-rows").replaceChildren(...summary.tasks.map(row));
+    document.getElementById("no-tasks").hidden = summary.tasks.length > 0;
+    document.getElementById("older").hidden = !summary.more;
+    sample(summary.counts);
+    draw();
+  }
+
+  function live(ok) {
+    const node = document.getElementById("live");
+    node.classList.toggle("down", !ok);
+    node.textContent = ok ? "live, " + new Date().toLocaleTimeString() : "not updating: "
+      + "the server did not answer";
+  }
+
+  function poll() {
+    if (document.hidden) {  // a background tab costs the server nothing
+      setTimeout(poll, Number(data.poll));
+      return;
+    }
+    const query = new URLSearchParams();
+    for (const key of ["status", "name", "offset"]) if (data[key]) query.set(key, data[key]);
+    fetch(data.base + "/api/summary?" + query, {headers: {Accept: "application/json"},
+                                               credentials: "same-origin", cache: "no-store"})
+      .then((reply) => { if (!reply.ok) throw new Error(reply.status); return reply.json(); })
+      .then(render)
+      .then(() => live(true), () => live(false))
+      .finally(() => setTimeout(poll, Number(data.poll)));
+  }
+
+  dropFlash();
+  if (data.page === "overview") {
+    const counts = {};
+    for (const status of STATUSES) {
+      counts[status] = Number(document.getElementById("count-" + status).dataset.n);
+    }
+    sample(counts);
+    setTimeout(poll, Number(data.poll));
+  }
+})();
+"""
+
+#: The stylesheet: light or dark as the system is.
+_WEB_CSS = """\
+:root { color-scheme: light dark; --fg: #1d2430; --muted: #667085; --bg: #f6f7f9;
+  --card: #fff; --line: #dde1e7; --accent: #2f6fde; --pending: #0e7490;
+  --running: #b7791f; --success: #2f855a; --failed: #c53030; --cancelled: #9f3ab0; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e6e9ef; --muted: #98a2b3; --bg: #14171c; --card: #1c2027;
+    --line: #2e343d; --accent: #6ea8fe; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { display: flex; gap: 1rem; align-items: baseline; padding: .6rem 1.2rem;
+  background: var(--card); border-bottom: 1px solid var(--line); }
+.brand { font-weight: 700; font-size: 1.15rem; color: var(--fg); text-decoration: none; }
+main { max-width: 1200px; margin: 0 auto; padding: 1rem 1.2rem 3rem; }
+h1 { font-size: 1.35rem; margin: .3rem 0; overflow-wrap: anywhere; }
+h2 { font-size: 1rem; margin: 1.4rem 0 .5rem; }
+a { color: var(--accent); }
+.muted { color: var(--muted); }
+code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 12.5px; }
+pre { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+  padding: .6rem .8rem; overflow: auto; max-height: 30rem; white-space: pre-wrap;
+  overflow-wrap: anywhere; margin: 0; }
+.warning { background: #fff4e5; color: #7a4100; border: 1px solid #f3c27b;
+  border-radius: 6px; padding: .5rem .8rem; }
+.flash { border-radius: 6px; padding: .5rem .8rem; background: var(--card);
+  border: 1px solid var(--line); border-left: 4px solid var(--success); }
+.flash.error { border-left-color: var(--failed); }
+.top { display: flex; flex-wrap: wrap; gap: 1rem; align-items: stretch; margin-top: .5rem; }
+.counts { display: flex; flex-wrap: wrap; gap: .5rem; }
+.count { display: flex; flex-direction: column; min-width: 6.5rem; padding: .45rem .8rem;
+  background: var(--card); border: 1px solid var(--line); border-top: 3px solid var(--line);
+  border-radius: 8px; text-decoration: none; color: var(--muted); }
+.count .n { font-size: 1.5rem; font-weight: 600; color: var(--fg);
+  font-variant-numeric: tabular-nums; }
+.count.on { outline: 2px solid var(--accent); }
+.rate { flex: 1 1 260px; background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: .45rem .8rem; color: var(--muted); }
+.rate strong { color: var(--fg); }
+.rate svg { display: block; width: 100%; height: 60px; margin-top: .2rem; }
+#rate-line { fill: none; stroke: var(--accent); stroke-width: 2;
+  vector-effect: non-scaling-stroke; }
+#rate-area { fill: var(--accent); opacity: .15; stroke: none; }
+.axis { stroke: var(--line); vector-effect: non-scaling-stroke; }
+table { border-collapse: collapse; width: 100%; background: var(--card);
+  border: 1px solid var(--line); }
+th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: 12px; }
+.tasks td:nth-child(4), .tasks td:nth-child(5), .workers td { white-space: nowrap; }
+code.args { display: inline-block; max-width: 26rem; overflow: hidden;
+  text-overflow: ellipsis; white-space: nowrap; vertical-align: bottom; }
+.badge { display: inline-block; padding: 0 .5rem; border-radius: 999px; font-size: 12px;
+  font-weight: 600; color: #fff; background: var(--muted); }
+.s-pending { border-top-color: var(--pending); } .badge.s-pending { background: var(--pending); }
+.s-running { border-top-color: var(--running); } .badge.s-running { background: var(--running); }
+.s-success { border-top-color: var(--success); } .badge.s-success { background: var(--success); }
+.s-failed { border-top-color: var(--failed); } .badge.s-failed { background: var(--failed); }
+.s-cancelled { border-top-color: var(--cancelled); }
+.badge.s-cancelled { background: var(--cancelled); }
+h1 .badge { font-size: 13px; vertical-align: middle; }
+form { display: inline-flex; flex-wrap: wrap; gap: .4rem; align-items: center; margin: 0; }
+.filters, .actions { display: flex; flex-wrap: wrap; gap: .6rem 1.2rem; align-items: center;
+  margin: 1rem 0 .4rem; }
+button { font: inherit; padding: .28rem .8rem; border-radius: 6px; cursor: pointer;
+  border: 1px solid var(--line); background: var(--card); color: var(--fg); }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+button.danger { color: var(--failed); border-color: var(--failed); }
+input, select { font: inherit; padding: .22rem .4rem; border: 1px solid var(--line);
+  border-radius: 6px; background: var(--card); color: var(--fg); }
+input[type=number] { width: 5rem; }
+.pager { display: flex; gap: 1.2rem; margin: .5rem 0; }
+.live { font-weight: normal; font-size: 12px; margin-left: .5rem; }
+.live.down, .stale, .error-line { color: var(--failed); }
+progress { width: 7rem; vertical-align: middle; }
+progress.wide { width: 18rem; }
+dl.details { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1.2rem;
+  background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: .6rem .9rem; margin: 1rem 0 0; }
+dl.details dt { color: var(--muted); }
+dl.details dd { margin: 0; overflow-wrap: anywhere; }
+details summary { cursor: pointer; }
+"""
 
 
 # CLI ##########################################################################

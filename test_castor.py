@@ -27,6 +27,10 @@ import termios
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -734,14 +738,16 @@ def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
 
 def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
     first = project.start("--workers", "1")
-    handle = project.mod.sleepy.delay(1.0, "moved")
+    handle = project.mod.sleepy.delay(5.0, "moved")  # long enough to outlast a start-up
     wait_for(lambda: handle.status() == "running", what="task running")
     second = project.start("--workers", "1")
+    assert handle.status() == "running" and handle.info()["worker"].split(":")[1] == str(
+        first.pid)
     first.kill()
     first.wait()
     killed_at = time.monotonic()
-    assert handle.join(timeout=20) == 1.0
-    assert time.monotonic() - killed_at < 15 + 1.0
+    assert handle.join(timeout=30) == 5.0
+    assert time.monotonic() - killed_at < 15 + 5.0
     doc = handle.info()
     assert doc["losses"] == 1 and doc["worker"].split(":")[1] == str(second.pid)
     assert project.labels().count("moved:start") == 2
@@ -1144,7 +1150,8 @@ def test_deleted_database_file_stops_the_worker(project):
             os.remove(project.path / f"tasks.db{suffix}")
     assert worker.wait(timeout=15) == 1
     err = project.output(worker)[1]
-    assert "was deleted while this worker was using it" in err and "Traceback" not in err
+    # "was deleted", or "was replaced" when the app (this process) made a new one meanwhile
+    assert "while this worker was using it; stopping" in err and "Traceback" not in err
 
 
 def test_replaced_database_file_stops_the_worker(project):
@@ -2343,6 +2350,586 @@ def test_fall_back_in_paris():
     cron = _Cron("*/15 * * * *", tz="Europe/Paris")
     assert cron.next_after(utc(2026, 10, 25, 0, 45)) == utc(2026, 10, 25, 2, 0)
     assert cron.next_after(utc(2026, 10, 25, 1, 20)) == utc(2026, 10, 25, 2, 0)
+
+
+# Web view #####################################################################
+#
+# A real worker, the real `castor web` command, and a real headless Chromium
+# (Debian's, driven by Playwright). Screenshots go to each test's tmp_path.
+
+#: Flags for the system's Chromium in a container: no sandbox, no GPU, no calls home.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+#: Milliseconds a browser-side wait may take (a poll comes every 2 s).
+BROWSER_TIMEOUT = 15_000
+
+SCRIPT = "<script>alert(1)</script>"
+
+WEB_APP = """
+import castor
+
+
+@manager.task(mode="thread")
+def echo(value):
+    return value
+
+
+@manager.task(mode="thread")
+def flaky(marker):
+    # Fails the first time; succeeds once its marker file exists.
+    path = os.path.join(HERE, marker)
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise RuntimeError("first attempt fails")
+    return "second time lucky"
+
+
+@manager.task(mode="thread")
+def slow(seconds):
+    ctx = castor.current_task()
+    steps = int(seconds * 10)
+    for i in range(steps):
+        ctx.check_cancelled()
+        ctx.progress(i, steps, "crunching")
+        time.sleep(0.1)
+    return seconds
+
+
+@manager.task(mode="thread", cron="0 3 * * *")
+def nightly():
+    return "done"
+"""
+
+
+class Browse:
+    """A browser context and its page, recording dialogs, console errors and failed loads."""
+
+    def __init__(self, browser, tmp_path, **options):
+        self.tmp_path = tmp_path
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, **options)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(BROWSER_TIMEOUT)
+        self.dialogs, self.errors, self.bad = [], [], []
+        self.page.on("dialog", self._dialog)
+        self.page.on("console", lambda msg: msg.type == "error" and self.errors.append(msg.text))
+        self.page.on("response", lambda r: r.status >= 400 and self.bad.append((r.status, r.url)))
+
+    def _dialog(self, dialog):
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def goto(self, url):
+        return self.page.goto(url)
+
+    def next_poll(self):
+        """Wait for the overview's next /api/summary answer; return it."""
+        with self.page.expect_response(lambda r: "/api/summary" in r.url) as info:
+            pass
+        return info.value
+
+    def shot(self, name):
+        path = self.tmp_path / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def web_worker(proj):
+    return proj.start("--workers", "1")
+
+
+def serve_web(proj, *flags):
+    """``castor web`` on a free port: (process, base URL ending in /)."""
+    proc = proj.start("web", "--port", "0", *flags, wait=False)
+    pattern = r"Serving the castor web view on http://([^ /]+):(\d+)/"
+    found = wait_for(lambda: re.search(pattern, proj.output(proc)[1]) or proc.poll() is not None,
+                     what="the web view's start")
+    assert proc.poll() is None, proj.output(proc)[1]
+    return proc, f"http://127.0.0.1:{found.group(2)}/"
+
+
+def _no_browser(why):
+    if os.environ.get("CI"):
+        pytest.fail(f"no browser, and CI is set: {why}")
+    pytest.skip(f"no browser: {why}")
+
+
+def fetch(url, data=None, headers=None, method=None):
+    """(status, headers, body) of a request, redirects not followed."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+    opener = urllib.request.build_opener(NoRedirect)
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with opener.open(request, timeout=10) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read().decode()
+
+
+def basic(user_password):
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(user_password.encode()).decode()}
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError as exc:
+        _no_browser(f"the playwright package is not installed ({exc})")
+    executable = shutil.which("chromium")
+    if executable is None:
+        _no_browser("no chromium on PATH (apt-get install -y chromium)")
+    playwright = sync_playwright().start()
+    try:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    except Exception as exc:
+        playwright.stop()
+        _no_browser(f"{executable} could not be launched: {exc}")
+    expect.set_options(timeout=BROWSER_TIMEOUT)
+    yield launched
+    launched.close()
+    playwright.stop()
+
+
+@pytest.fixture
+def web_project(make_project):
+    return make_project(WEB_APP)
+
+
+@pytest.fixture
+def browse(browser, tmp_path):
+    made = []
+
+    def make(**options):
+        made.append(Browse(browser, tmp_path, **options))
+        return made[-1]
+    yield make
+    for b in made:
+        b.context.close()
+
+
+def expect(target):
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(target)
+
+
+# Web view: the overview
+
+
+def test_overview_lists_tasks_and_filters_by_status_and_name(web_project, browse):
+    mod = web_project.mod
+    worker = web_worker(web_project)
+    done = [mod.add.delay(i, i) for i in range(4)]
+    failed = mod.boom.delay("disk full")
+    for handle in done:
+        handle.join(timeout=20)
+    with pytest.raises(ValueError):
+        failed.join(timeout=20)
+    running = mod.slow.delay(120)
+    mod.add.schedule((1, 2), delay=3600)
+    mod.add.schedule((5, 6), delay=3600).cancel()
+    wait_for(running.progress, what="progress of the running task")
+    _, url = serve_web(web_project)
+
+    b = browse()
+    b.goto(url)
+    page = b.page
+    rows = page.locator("#task-rows tr")
+    for key, n in dict(all=8, pending=1, running=1, success=4, failed=1, cancelled=1).items():
+        expect(page.locator(f"#count-{key}")).to_have_text(str(n))
+    expect(rows).to_have_count(8)
+    expect(page.locator(".warning")).to_have_text(
+        "No authentication: anyone who can reach this page can retry, cancel and prune tasks.")
+    expect(page.locator("#task-rows tr", has_text="slow").locator("progress")).to_have_count(1)
+    expect(page.locator("#task-rows tr", has_text="due ")).to_have_count(1)
+    expect(page.locator("table.workers")).to_contain_text(str(worker.pid))
+    expect(page.locator("table.periodic")).to_contain_text("cron 0 3 * * *")
+    expect(page.locator("#live")).to_contain_text("live")  # a poll went through
+    b.shot("overview-first")
+
+    # Status filter, from the form.
+    page.select_option("select[name=status]", "failed")
+    page.click("form.filters button")
+    expect(page).to_have_url(re.compile(r"status=failed"))
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text(mod.boom.name)
+    expect(page.locator("#count-failed").locator("..")).to_have_class(re.compile(r"\bon\b"))
+    b.next_poll()  # the live refresh keeps the filter
+    expect(rows).to_have_count(1)
+    b.shot("overview-failed")
+
+    # Name filter, with every status, then with both.
+    page.select_option("select[name=status]", "")
+    page.fill("input[name=name]", mod.add.name)
+    page.click("form.filters button")
+    expect(rows).to_have_count(6)
+    assert all(mod.add.name in text for text in rows.all_inner_texts())
+    page.click("#count-cancelled")  # a count is a link to its status, the name kept
+    expect(page).to_have_url(re.compile(r"status=cancelled"))
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("5, 6")
+    b.next_poll()
+    expect(rows).to_have_count(1)
+    b.shot("overview-name-and-status")
+
+    # The rate chart, fed by tasks finishing while the page polls.
+    page.click("text=Clear")
+    for batch in range(1, 5):
+        b.next_poll()
+        mod.add.map([(i, batch) for i in range(batch)])
+        mod.echo.map([f"report-{batch}-{i}" for i in range(batch)])
+    mod.boom.delay("timeout talking to the SMTP server")
+    b.next_poll()
+    two_points = re.compile(r"[\d.]+,[\d.]+ [\d.]")
+    expect(page.locator("#rate-line")).to_have_attribute("points", two_points)
+    expect(page.locator("#rate-now")).not_to_have_text("-")
+    b.shot("overview")
+    b.page.screenshot(path=str(b.tmp_path / "readme-overview.png"))  # for the README
+    assert b.errors == [], b.errors  # a CSP violation would show here
+    assert b.dialogs == []
+
+
+def test_live_refresh_shows_a_new_task_without_reload(web_project, browse):
+    mod = web_project.mod
+    web_worker(web_project)
+    _, url = serve_web(web_project)
+    b = browse()
+    b.goto(url)
+    page = b.page
+    expect(page.locator("#no-tasks")).to_be_visible()
+    page.evaluate("window.castorMarker = 42")  # gone if the page reloads
+    handle = mod.add.delay(40, 2)
+    assert handle.join(timeout=20) == 42
+    row = page.locator(f'#task-rows tr[data-id="{handle.id}"]')
+    expect(row).to_have_count(1)
+    expect(row.locator(".badge")).to_have_text("success")
+    expect(page.locator("#count-success")).to_have_text("1")
+    expect(page.locator("#no-tasks")).to_be_hidden()
+    assert page.evaluate("window.castorMarker") == 42
+    b.shot("live")
+    assert b.errors == [], b.errors
+
+
+def test_summary_reads_counts_and_one_page_only(web_project):
+    """Each poll is counts() and one tasks() page, whatever the filters."""
+    calls = []
+    manager = web_project.manager
+
+    class Counting:
+        path = manager.path
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(manager, name)
+    for i in range(3):
+        web_project.mod.add.schedule((i, i), delay=3600)
+    app = castor._WebApp(Counting())
+    status, body = call_app(app, "/api/summary", "status=pending&name=" + web_project.mod.add.name)
+    assert status.startswith("200")
+    data = json.loads(body)
+    assert calls == ["counts", "tasks"]
+    assert data["counts"]["pending"] == 3
+    assert [t["args"] for t in data["tasks"]] == ["2, 2", "1, 1", "0, 0"]
+    assert data["more"] is False
+
+
+def call_app(app, path, query="", method="GET", body=b"", **environ):
+    import io
+    replies = []
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+           "SCRIPT_NAME": "", "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+           "wsgi.url_scheme": "http", **environ}
+    chunks = app(env, lambda status, headers: replies.append((status, headers)))
+    return replies[0][0], b"".join(chunks).decode()
+
+
+# Web view: the task page
+
+
+def test_retry_from_task_page_runs_the_failed_task_again(web_project, browse):
+    mod = web_project.mod
+    web_worker(web_project)
+    handle = mod.flaky.delay("marker")
+    wait_for(lambda: handle.status() == "failed", what="the first attempt to fail")
+    _, url = serve_web(web_project)
+    b = browse()
+    b.goto(f"{url}task/{handle.id}")
+    page = b.page
+    expect(page.locator("h1 .badge")).to_have_text("failed")
+    expect(page.locator("pre.traceback")).to_contain_text("RuntimeError: first attempt fails")
+    expect(page.locator("button", has_text="Cancel")).to_have_count(0)
+    b.shot("task-failed")
+
+    page.click("button:has-text('Retry')")
+    expect(page.locator(".flash")).to_contain_text("Sent back to pending")
+    assert handle.join(timeout=20) == "second time lucky"
+    expect(page).to_have_url(re.compile(rf"/task/{handle.id}$"))  # app.js dropped the flash
+    page.reload()
+    expect(page.locator(".flash")).to_have_count(0)
+    expect(page.locator("h1 .badge")).to_have_text("success")
+    expect(page.locator("#result")).to_have_text('"second time lucky"')
+    history = page.locator("table.history tbody tr")
+    expect(history).to_have_count(1)
+    expect(history.first).to_contain_text("failed")
+    expect(history.first).to_contain_text("first attempt fails")
+    expect(page.locator("button", has_text="Retry")).to_have_count(0)
+    b.shot("task-retried")
+    assert b.errors == [], b.errors
+
+
+def test_cancel_a_pending_task_from_its_page(web_project, browse):
+    mod = web_project.mod
+    web_worker(web_project)
+    handle = mod.add.schedule((1, 2), delay=3600)
+    _, url = serve_web(web_project)
+    b = browse()
+    b.goto(f"{url}task/{handle.id}")
+    page = b.page
+    expect(page.locator("h1 .badge")).to_have_text("pending")
+    expect(page.locator("button", has_text="Retry")).to_have_count(0)
+    b.shot("task-pending")
+    page.click("button:has-text('Cancel')")
+    expect(page.locator(".flash")).to_contain_text("Cancelled")
+    expect(page.locator("h1 .badge")).to_have_text("cancelled")
+    assert handle.status() == "cancelled"
+    expect(page.locator("button", has_text="Cancel")).to_have_count(0)
+    expect(page.locator("button", has_text="Retry")).to_have_count(1)
+    b.shot("task-cancelled")
+
+    reply = b.goto(f"{url}task/no-such-task")
+    assert reply.status == 404
+    expect(page.locator("h1")).to_have_text("404 Not Found")
+    expect(page.locator("main")).to_contain_text("no-such-task")
+    b.shot("task-unknown")
+
+
+def test_task_data_is_shown_as_text_and_never_runs(web_project, browse):
+    mod = web_project.mod
+    web_worker(web_project)
+    echoed = mod.echo.delay(SCRIPT)
+    failed = mod.boom.delay('<img src=x onerror="alert(2)">')
+    assert echoed.join(timeout=20) == SCRIPT
+    with pytest.raises(ValueError):
+        failed.join(timeout=20)
+    _, url = serve_web(web_project)
+    b = browse()
+    reply = b.goto(url)
+    page = b.page
+    assert "script-src 'self'" in reply.headers["content-security-policy"]
+    expect(page.locator("#task-rows code.args", has_text=SCRIPT)).to_have_count(1)
+    page.evaluate("document.querySelectorAll('#task-rows tr').forEach(r => r.dataset.old = 1)")
+    b.next_poll()  # the rows are now the ones app.js built
+    expect(page.locator("#task-rows tr[data-old]")).to_have_count(0)
+    expect(page.locator("#task-rows code.args", has_text=SCRIPT)).to_have_count(1)
+    expect(page.locator("#task-rows code.args", has_text='<img src=x')).to_have_count(1)
+    assert page.locator("main script, main img").count() == 0
+    b.shot("escaping-overview")
+
+    b.goto(f"{url}task/{echoed.id}")
+    expect(page.locator("#args")).to_have_text(json.dumps([SCRIPT]))
+    expect(page.locator("#result")).to_have_text(json.dumps(SCRIPT))
+    b.shot("escaping-task")
+    b.goto(f"{url}task/{failed.id}")
+    traceback = page.locator("pre.traceback")
+    expect(traceback).to_contain_text('ValueError: <img src=x onerror="alert(2)">')
+    assert page.locator("main script, main img").count() == 0
+    b.shot("escaping-error")
+    assert b.dialogs == []
+    assert b.errors == [], b.errors
+
+    # The policy itself: even a script that got into the page would not run.
+    with page.expect_console_message(lambda msg: "Content Security Policy" in msg.text):
+        page.evaluate("() => { const s = document.createElement('script');"
+                      " s.textContent = 'alert(3)'; document.body.append(s); }")
+    assert b.dialogs == []
+
+
+# Web view: security
+
+
+def test_auth_refuses_without_credentials_and_accepts_with_them(web_project, browse):
+    _, url = serve_web(web_project, "--auth", "admin:s3cret")
+    for path in ("", "api/summary", "task/x", "static/app.js"):
+        status, headers, _ = fetch(url + path)
+        assert status == 401, path
+        assert headers["WWW-Authenticate"].startswith("Basic realm=")
+    assert fetch(url, headers=basic("admin:wrong"))[0] == 401
+    assert fetch(url + "api/summary", headers=basic("admin:wrong"))[0] == 401
+    status, _, body = fetch(url + "api/summary", headers=basic("admin:s3cret"))
+    assert status == 200 and json.loads(body)["counts"]["pending"] == 0
+
+    from playwright.sync_api import Error as PlaywrightError
+    anonymous = browse()
+    with contextlib.suppress(PlaywrightError):  # Chromium may give up at the 401
+        anonymous.goto(url)
+    assert (401, url) in anonymous.bad
+    b = browse(http_credentials={"username": "admin", "password": "s3cret"})
+    assert b.goto(url).status == 200
+    page = b.page
+    expect(page.locator("#task-rows")).to_have_count(1)
+    expect(page.locator(".warning")).to_have_count(0)
+    assert b.next_poll().status == 200
+    b.shot("auth")
+
+
+def test_post_without_csrf_token_is_refused(web_project):
+    handle = web_project.mod.add.schedule((1, 2), delay=3600)
+    _, url = serve_web(web_project)
+    cancel = f"{url}task/{handle.id}/cancel"
+    assert fetch(cancel, data={})[0] == 403
+    assert fetch(url + "prune", data={"days": "0"})[0] == 403
+    assert fetch(url + "retry-failed", data={})[0] == 403
+
+    status, headers, body = fetch(url)
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)
+    assert fetch(cancel, data={"csrf": "0" * 64}, headers={"Cookie": cookie})[0] == 403
+    assert fetch(cancel, data={"csrf": token})[0] == 403  # the token without its cookie
+    other = "castor_csrf=" + "A" * 43
+    assert fetch(cancel, data={"csrf": token}, headers={"Cookie": other})[0] == 403
+    assert handle.status() == "pending"
+
+    status, headers, _ = fetch(cancel, data={"csrf": token}, headers={"Cookie": cookie})
+    assert status == 303
+    assert headers["Location"].startswith(f"/task/{handle.id}?msg=Cancelled")
+    assert handle.status() == "cancelled"
+    assert fetch(url + "prune")[0] == 405
+    assert fetch(url + "nowhere")[0] == 404
+
+
+def test_a_forged_flash_message_is_not_shown(web_project):
+    _, url = serve_web(web_project)
+    status, _, body = fetch(url + "?" + urllib.parse.urlencode({"msg": "Call 555", "sig": "0"}))
+    assert status == 200 and "Call 555" not in body
+
+
+# Web view: mounting
+
+
+def test_mounted_under_a_prefix_every_link_stays_under_it(web_project, browse, monkeypatch):
+    monkeypatch.setattr(castor, "WEB_PAGE_SIZE", 2)
+    for i in range(5):
+        web_project.mod.add.schedule((i, i), delay=3600)
+    app = web_project.manager.wsgi_app()
+    prefix = "/admin/castor"
+
+    def mounted(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path != prefix and not path.startswith(prefix + "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"outside the mount\n"]
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = prefix, path[len(prefix):]
+        return app(environ, start_response)
+    server = castor._web_server(mounted, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _prefix_walk(browse(), f"http://127.0.0.1:{server.server_port}", prefix)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _prefix_walk(b, origin, prefix):
+    page, rows = b.page, b.page.locator("#task-rows tr")
+    b.goto(f"{origin}{prefix}/")
+    expect(rows).to_have_count(2)
+    assert b.next_poll().url.startswith(f"{origin}{prefix}/api/summary?")
+    page.click("#older")
+    expect(page).to_have_url(f"{origin}{prefix}/?offset=2")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#newer")).to_be_visible()
+    b.next_poll()
+    expect(page.locator("#older")).to_be_visible()  # a fifth task is on the next page
+    b.shot("prefix-overview")
+    page.locator("#task-rows a").first.click()
+    expect(page).to_have_url(re.compile(rf"^{origin}{prefix}/task/[0-9a-f-]+$"))
+    page.click("button:has-text('Cancel')")
+    expect(page.locator(".flash")).to_contain_text("Cancelled")
+    expect(page).to_have_url(re.compile(rf"^{origin}{prefix}/task/[0-9a-f-]+$"))
+    b.shot("prefix-task")
+    page.click("text=All tasks")
+    expect(page).to_have_url(f"{origin}{prefix}/")
+    page.fill("input[name=days]", "0")
+    page.click("button:has-text('Prune')")
+    expect(page.locator(".flash")).to_contain_text("Pruned 1 task(s)")
+    expect(page).to_have_url(f"{origin}{prefix}/")
+    expect(page.locator("#count-all")).to_have_text("4")
+    page.click("a.brand")
+    expect(page).to_have_url(f"{origin}{prefix}/")
+    assert b.bad == [], b.bad  # the script, the style and the API all came from the mount
+    assert b.errors == [], b.errors
+
+
+def test_fastapi_mount_with_the_apps_own_auth(web_project):
+    """The README's recipe: the app checks who calls, then hands over to castor."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse
+    from fastapi.testclient import TestClient
+    WSGIMiddleware = wsgi_middleware()
+
+    handle = web_project.mod.add.schedule((1, 2), delay=3600)
+    app = FastAPI()
+    castor_view = WSGIMiddleware(web_project.manager.wsgi_app())
+
+    async def admin_only(scope, receive, send):
+        if scope["type"] == "http" and Request(scope).headers.get("x-token") != "let-me-in":
+            await PlainTextResponse("Forbidden", status_code=403)(scope, receive, send)
+            return
+        await castor_view(scope, receive, send)
+    app.mount("/admin/tasks", admin_only)
+
+    client = TestClient(app)
+    assert client.get("/admin/tasks/").status_code == 403
+    reply = client.get("/admin/tasks/", headers={"x-token": "let-me-in"})
+    assert reply.status_code == 200
+    assert f'href="/admin/tasks/task/{handle.id}"' in reply.text
+    assert 'href="/admin/tasks/static/app.css?v=' in reply.text
+    summary = client.get("/admin/tasks/api/summary", headers={"x-token": "let-me-in"})
+    assert summary.json()["tasks"][0]["id"] == handle.id
+
+
+def wsgi_middleware():
+    """a2wsgi's WSGIMiddleware, else Starlette's (deprecated, still in 1.x)."""
+    try:
+        from a2wsgi import WSGIMiddleware
+        return WSGIMiddleware
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from starlette.middleware.wsgi import WSGIMiddleware
+            return WSGIMiddleware
+        except ImportError:
+            pytest.skip("neither a2wsgi nor starlette.middleware.wsgi is installed")
+
+
+# Web view: the command
+
+
+def test_castor_web_logs_its_address_stays_quiet_and_stops_on_signals(web_project):
+    proc, url = serve_web(web_project)
+    err = web_project.output(proc)[1]
+    assert re.search(r"INFO +Serving the castor web view on http://127\.0\.0\.1:\d+/$", err, re.M)
+    assert "WARNING" not in err
+    assert fetch(url)[0] == 200
+    assert fetch(url + "api/summary")[0] == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert "GET /" not in web_project.output(proc)[1]  # request lines go to logger.debug
+
+    proc, url = serve_web(web_project, "--host", "0.0.0.0")
+    wait_for(lambda: "WARNING" in web_project.output(proc)[1], what="the warning")
+    assert "not a loopback address" in web_project.output(proc)[1]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
 
 
 # Dashboard (-i) ###############################################################
