@@ -525,7 +525,7 @@ class TaskContext:
     def __init__(self, task_id, name, attempt, report=None):
         self.id, self.name, self.attempt = task_id, name, attempt
         self._progress, self._dirty = None, False
-        self._cancel = threading.Event()
+        self._cancel = False  # set by the worker; a plain flag is enough under the GIL
         self._report = report  # process children send progress to their worker
 
     def __repr__(self):
@@ -546,11 +546,11 @@ class TaskContext:
     @property
     def cancelled(self):
         """True once someone asked for this task to stop."""
-        return self._cancel.is_set()
+        return self._cancel
 
     def check_cancelled(self):
         """Raise ``castor.Cancelled`` if someone asked for this task to stop."""
-        if self._cancel.is_set():
+        if self._cancel:
             raise Cancelled(f"task {self.id} was cancelled", "castor.Cancelled")
 
     def _take_progress(self):
@@ -706,8 +706,10 @@ def _db_path(db):
 
 
 def _new_id():
-    import uuid
-    return str(uuid.uuid4())
+    """A random (version 4) UUID string. By hand: uuid.uuid4() costs twice as
+    much, and .map() makes thousands."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def _refuse(obj):
@@ -792,11 +794,22 @@ async def _execute_async(task, args, kwargs, ctx, limit):
 
 
 def _success(task, result, limit):
+    if _small_scalar(result, limit):
+        return {"ok": True, "result": result}
     size = len(_to_json(result, f"the result of {task.name}"))
     if size > limit:
         raise PayloadTooLarge(f"the result of {task.name} is {size:,} bytes of JSON, over the "
                               f"limit of {limit:,} (Manager(max_payload=...))")
     return {"ok": True, "result": result}
+
+
+def _small_scalar(value, limit):
+    """A result that surely is JSON and under ``limit``, without encoding it."""
+    kind = type(value)
+    if kind is str:
+        return len(value) * 6 + 2 <= limit  # \u escapes are the worst case
+    return value is None or kind is bool or kind is int and -10**15 < value < 10**15 or (
+        kind is float and math.isfinite(value))
 
 
 def _failure(exc):
@@ -1244,9 +1257,10 @@ class _Store:
 
     def exchange(self, worker_id, outcomes, progress, wants, limits, now):
         """One transaction: record ``outcomes`` (_Outcome, fenced by lease)
-        and ``progress`` {id: report}, then claim up to ``wants`` {mode: n}
-        due tasks, at most ``limits`` {name: n} of a name running anywhere.
-        Returns an _Exchange."""
+        and ``progress`` {id: report}, then claim due tasks: ``wants`` is
+        {mode: (n, idle)}, up to n tasks of which at most ``idle`` (slots free
+        to start them now) of a name in ``limits`` {name: n}, the most that
+        may run at once anywhere. Returns an _Exchange."""
         raise NotImplementedError
 
     def cancel_requests(self, worker_id):
@@ -1323,8 +1337,38 @@ class _Exchange:
         self.recorded, self.refused, self.claimed, self.idle = [], [], {}, {}
 
 
+class _Room:
+    """What a claim may still take of the names with a concurrency limit:
+    ``left`` per name, and ``idle`` in all (slots free to start them now: a
+    limited task must not wait behind another in a worker's queue)."""
+
+    def __init__(self, limits, idle):
+        self.left, self.idle = dict(limits), idle
+
+    def full(self):
+        """The names that may not be taken any more."""
+        return [name for name, left in self.left.items() if left <= 0 or self.idle <= 0]
+
+    def take(self, rows):
+        """Of due rows (seq, name) in queue order, the seqs that fit."""
+        picked = []
+        for seq, name in rows:
+            if name in self.left:
+                if self.left[name] <= 0 or self.idle <= 0:
+                    continue
+                self.left[name] -= 1
+                self.idle -= 1
+            picked.append(seq)
+        return picked
+
+
 def _no_constants(name):
     raise ValueError(f"{name} is not JSON")
+
+
+#: One decoder for all, refusing NaN and Infinity (json.loads with options
+#: builds a new decoder each call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def _load_doc(task_id, raw):
@@ -1332,7 +1376,7 @@ def _load_doc(task_id, raw):
     try:
         # NaN and Infinity (which beaver's json.dumps lets through) are garbage
         # too: SQLite's and PostgreSQL's JSON refuse them.
-        doc = json.loads(raw, parse_constant=_no_constants) if isinstance(raw, str) else raw
+        doc = _DECODER.decode(raw) if isinstance(raw, str) else raw
     except (TypeError, ValueError):
         doc = None
     if not isinstance(doc, dict) or doc.get("status") not in STATUSES:
@@ -1461,6 +1505,13 @@ _LIST_DOCS = ("SELECT j.id, d.value FROM castor_jobs j LEFT JOIN __beaver_dicts_
               f"ON d.dict_name = '{DICT_NAME}' AND d.key = j.id {{where}} "
               "ORDER BY j.seq DESC LIMIT ? OFFSET ?")
 _PENDING_LOOK = "status = 'pending' AND mode = ? AND eta <= ?"
+_RECORD_JOB = ("UPDATE castor_jobs SET status = ?, finished = ?, eta = ? WHERE id = ? AND "
+               "worker = ? AND lease = ? AND status = 'running'")
+
+# SQLite has no statistics on these tables (castor never runs ANALYZE on the
+# user's file), and without them its planner takes the eta index for a claim
+# and sorts the whole backlog: the claim would cost O(pending). The INDEXED BY
+# hints below name the partial index each query must walk.
 
 #: A claim rewrites its documents inside SQLite: one statement for the batch.
 #: A document that is not a JSON object is left alone, to be failed as corrupt.
@@ -1595,8 +1646,7 @@ class _SqliteStore(_Store):
     def list(self, status, name, limit, offset):
         terms, params = [], []
         if status is not None:
-            terms.append("j.status = ?")
-            params.append(status)
+            terms.append(f"j.status = '{status}'")  # a literal: checked against STATUSES
             if status in FINISHED:  # lets SQLite use the index of finished rows
                 terms.append("j.finished IS NOT NULL")
         if name is not None:
@@ -1611,9 +1661,10 @@ class _SqliteStore(_Store):
         counts = dict.fromkeys(STATUSES, 0)
         conn = self.conn
         # Both walk a partial index that holds only unfinished tasks.
-        for status in ("pending", "running"):
+        for status, index in (("pending", "castor_jobs_eta"), ("running", "castor_jobs_running")):
             counts[status] = conn.execute(
-                "SELECT count(*) FROM castor_jobs WHERE status = ?", (status,)).fetchone()[0]
+                f"SELECT count(*) FROM castor_jobs INDEXED BY {index} "
+                f"WHERE status = '{status}'").fetchone()[0]
         for status, n in conn.execute("SELECT status, n FROM castor_stats"):
             counts[status] = n
         return counts
@@ -1686,8 +1737,9 @@ class _SqliteStore(_Store):
             self._record(conn, worker_id, outcomes, now, done)
             conn.executemany(_SET_PROGRESS, [(_dumps(report), task_id)
                                              for task_id, report in progress.items()])
-            for mode, n in wants.items():
-                done.claimed[mode] = claimed = self._claim(conn, worker_id, mode, n, limits, now)
+            for mode, (n, idle) in wants.items():
+                done.claimed[mode] = claimed = self._claim(conn, worker_id, mode, n, idle,
+                                                           limits, now)
                 if len(claimed) < n:
                     done.idle[mode] = self._next_eta(conn, mode)
         return done
@@ -1695,7 +1747,8 @@ class _SqliteStore(_Store):
     def _ready(self, wants, now, done):
         ready = {}
         for mode, n in wants.items():
-            if self.conn.execute(f"SELECT 1 FROM castor_jobs WHERE {_PENDING_LOOK} LIMIT 1",
+            if self.conn.execute(f"SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_eta "
+                                 f"WHERE {_PENDING_LOOK} LIMIT 1",
                                  (mode, now)).fetchone():
                 ready[mode] = n
             else:
@@ -1703,17 +1756,20 @@ class _SqliteStore(_Store):
         return ready
 
     def _next_eta(self, conn, mode):
-        return conn.execute("SELECT min(eta) FROM castor_jobs WHERE status = 'pending' "
-                            "AND mode = ?", (mode,)).fetchone()[0]
+        return conn.execute("SELECT min(eta) FROM castor_jobs INDEXED BY castor_jobs_eta "
+                            "WHERE status = 'pending' AND mode = ?", (mode,)).fetchone()[0]
 
     def _record(self, conn, worker_id, outcomes, now, done):
         """Write outcomes whose lease this worker still holds; refuse the rest."""
-        for outcome in outcomes:
-            held = conn.execute(
-                "UPDATE castor_jobs SET status = ?, finished = ?, eta = ? WHERE id = ? AND "
-                "worker = ? AND lease = ? AND status = 'running'",
-                _job_outcome(outcome, worker_id, now)).rowcount
-            (done.recorded if held else done.refused).append(outcome)
+        params = [_job_outcome(outcome, worker_id, now) for outcome in outcomes]
+        if conn.executemany(_RECORD_JOB, params).rowcount == len(outcomes):
+            done.recorded += outcomes  # the usual case: one statement for the batch
+        else:  # some lease was lost: which rows did we write?
+            for outcome, (status, finished, _, task_id, _, lease) in zip(outcomes, params):
+                mine = conn.execute("SELECT 1 FROM castor_jobs WHERE id = ? AND worker = ? AND "
+                                    "lease = ? AND status = ? AND finished IS ?",
+                                    (task_id, worker_id, lease, status, finished)).fetchone()
+                (done.recorded if mine else done.refused).append(outcome)
         rows = [(outcome.raw, outcome.doc["id"]) for outcome in done.recorded]
         if conn.executemany(_SET_DOC, rows).rowcount < len(rows):
             # Someone deleted a document meanwhile: the outcome brings it back.
@@ -1721,13 +1777,14 @@ class _SqliteStore(_Store):
         self._bump(conn, collections.Counter(
             o.doc["status"] for o in done.recorded if o.retry_at is None))
 
-    def _claim(self, conn, worker_id, mode, n, limits, now):
+    def _claim(self, conn, worker_id, mode, n, idle, limits, now):
         """Mark up to ``n`` due tasks running for this worker: [(doc, lease)]."""
         if limits:
-            seqs = self._pick_limited(conn, mode, n, limits, now)
+            seqs = self._pick_limited(conn, mode, n, idle, limits, now)
             where, params = f"seq IN ({','.join('?' * len(seqs))})", seqs
         else:
-            where = (f"seq IN (SELECT seq FROM castor_jobs WHERE {_PENDING_LOOK} "
+            where = (f"seq IN (SELECT seq FROM castor_jobs INDEXED BY castor_jobs_ready WHERE "
+                     f"{_PENDING_LOOK} "
                      "ORDER BY priority, seq LIMIT ?)")
             params = (mode, now, n)
         jobs = conn.execute(
@@ -1742,31 +1799,27 @@ class _SqliteStore(_Store):
         return [(_claimed_doc(task_id, docs.get(task_id), worker_id, now), lease)
                 for _, _, task_id, lease in sorted(jobs)]
 
-    def _pick_limited(self, conn, mode, n, limits, now):
-        """Due tasks in queue order, no name past its concurrency limit."""
+    def _pick_limited(self, conn, mode, n, idle, limits, now):
+        """Due tasks in queue order, no name past its concurrency limit, and
+        limited ones only for slots that can start them now."""
         marks = ",".join("?" * len(limits))
-        room = dict(limits)
+        room = _Room(limits, idle)
         for name, running in conn.execute(
                 f"SELECT name, count(*) FROM castor_jobs WHERE status = 'running' AND name IN "
                 f"({marks}) GROUP BY name", list(limits)):
-            room[name] -= running
+            room.left[name] -= running
         picked = []
         while len(picked) < n:
-            full = [name for name, left in room.items() if left <= 0]
+            full = room.full()
             rows = conn.execute(
-                f"SELECT seq, name FROM castor_jobs WHERE {_PENDING_LOOK} AND name NOT IN "
-                f"({','.join('?' * len(full))}) AND seq NOT IN ({','.join('?' * len(picked))}) "
-                "ORDER BY priority, seq LIMIT ?", (mode, now, *full, *picked, n - len(picked)))
-            before = len(picked)
-            for seq, name in rows.fetchall():
-                if name in room:
-                    if room[name] <= 0:
-                        continue
-                    room[name] -= 1
-                picked.append(seq)
-            if len(picked) == before and not any(v <= 0 and k not in full for k, v in room.items()):
+                f"SELECT seq, name FROM castor_jobs INDEXED BY castor_jobs_ready WHERE "
+                f"{_PENDING_LOOK} AND name NOT IN ({','.join('?' * len(full))}) AND seq NOT IN "
+                f"({','.join('?' * len(picked))}) ORDER BY priority, seq LIMIT ?",
+                (mode, now, *full, *picked, n - len(picked))).fetchall()
+            if not rows:
                 break
-        return picked[:n]
+            picked += room.take(rows)
+        return picked
 
     @_sqlite_errors
     def cancel_requests(self, worker_id):
@@ -1814,8 +1867,9 @@ class _SqliteStore(_Store):
 
     def _orphans(self):
         return self.conn.execute(
-            "SELECT 1 FROM castor_jobs WHERE status = 'running' AND (worker IS NULL OR worker "
-            "NOT IN (SELECT id FROM castor_workers)) LIMIT 1").fetchone() is not None
+            "SELECT 1 FROM castor_jobs INDEXED BY castor_jobs_running WHERE status = 'running' "
+            "AND (worker IS NULL OR worker NOT IN (SELECT id FROM castor_workers)) LIMIT 1"
+        ).fetchone() is not None
 
     @_sqlite_errors
     def release(self, worker_id, now, verdict, keep=()):
@@ -2273,8 +2327,9 @@ class _PostgresStore(_Store):
                 cur.execute("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', "
                             "%s::jsonb) WHERE id = %s AND status = 'running'",
                             (_dumps(report), task_id))
-            for mode, n in wants.items():
-                done.claimed[mode] = claimed = self._claim(cur, worker_id, mode, n, limits, now)
+            for mode, (n, idle) in wants.items():
+                done.claimed[mode] = claimed = self._claim(cur, worker_id, mode, n, idle,
+                                                           limits, now)
                 if len(claimed) < n:
                     done.idle[mode] = self._next_eta(cur, mode)
             _pg_bump(cur, collections.Counter(
@@ -2311,9 +2366,9 @@ class _PostgresStore(_Store):
         return {o.doc["id"] for o in outcomes if (
             o.doc["id"], o.lease, o.doc["status"] if o.retry_at is None else "pending") in mine}
 
-    def _claim(self, cur, worker_id, mode, n, limits, now):
+    def _claim(self, cur, worker_id, mode, n, idle, limits, now):
         if limits:
-            seqs = self._pick_limited(cur, mode, n, limits)
+            seqs = self._pick_limited(cur, mode, n, idle, limits)
             where, params = "seq = ANY(%s)", [seqs]
         else:
             where, params = _PG_READY, [mode]
@@ -2322,26 +2377,26 @@ class _PostgresStore(_Store):
         return [(_claimed_doc(task_id, doc, worker_id, now), lease)
                 for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
 
-    def _pick_limited(self, cur, mode, n, limits):
-        """Due tasks in queue order, no name past its concurrency limit. The
-        advisory locks make workers count the running ones in turn."""
+    def _pick_limited(self, cur, mode, n, idle, limits):
+        """As _SqliteStore._pick_limited; the advisory locks make workers
+        count the running ones in turn."""
         for name in sorted(limits):
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"castor:{name}",))
-        room = dict(limits)
+        room = _Room(limits, idle)
         for name, running in cur.execute(
                 "SELECT name, count(*) FROM castor_tasks WHERE status = 'running' AND "
                 "name = ANY(%s) GROUP BY name", (list(limits),)).fetchall():
-            room[name] -= running
+            room.left[name] -= running
         picked = []
         while len(picked) < n:
-            full = [name for name, left in room.items() if left <= 0]
+            full = room.full()
             rows = cur.execute(
                 f"SELECT seq, name FROM castor_tasks WHERE {_PG_READY} AND NOT (name = ANY(%s)) "
                 "AND NOT (seq = ANY(%s)) ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED",
                 (mode, full, picked, n - len(picked))).fetchall()
             if not rows:
                 break
-            picked += _within_limits(rows, room)
+            picked += room.take(rows)
         return picked
 
     def _next_eta(self, cur, mode):
@@ -2497,18 +2552,6 @@ def _pg_bump(cur, counter, sign=1):
             cur.execute(_PG_BUMP, (status, sign * counter[status]))
 
 
-def _within_limits(rows, room):
-    """Of due rows (seq, name), those that fit each name's room left (updated)."""
-    picked = []
-    for seq, name in rows:
-        if name in room:
-            if room[name] <= 0:
-                continue
-            room[name] -= 1
-        picked.append(seq)
-    return picked
-
-
 class _PgPool:
     """A few connections for one process, each used by one thread at a time."""
 
@@ -2634,11 +2677,15 @@ class _Run:
     __slots__ = ("doc", "lease", "task", "mode", "started", "ctx", "deadline")
 
     def __init__(self, doc, lease, task, started):
-        self.doc, self.lease, self.task, self.started = doc, lease, task, started
+        self.doc, self.lease, self.task = doc, lease, task
         self.mode = task.mode if task is not None else "thread"
         self.ctx = TaskContext(doc["id"], doc.get("task_name"), _as_int(doc.get("attempts")))
-        timeout = task.timeout if task is not None else None
-        self.deadline = None if timeout is None else started + timeout
+        self.begin(started)
+
+    def begin(self, now):
+        """The run starts now (a pool may start it later than it was claimed)."""
+        timeout = self.task.timeout if self.task is not None else None
+        self.started, self.deadline = now, None if timeout is None else now + timeout
 
     @property
     def id(self):
@@ -2819,7 +2866,7 @@ class Worker:
             self._inbox.put((run.id, _failed(problem), time.time()))
             return
         if logger.isEnabledFor(logging.INFO):
-            logger.info("Task %s started: %s", run.id[:8], _call_repr(doc))
+            _event(logging.INFO, "Task %s started: %s", run.id[:8], _call_repr(doc))
         self._pools[run.mode].submit(run)
 
     def _look_at_runs(self, now):
@@ -2966,10 +3013,19 @@ def _outcome_note(run, reply, ended, retry_at):
     return logging.ERROR, "Task %s failed: %s", (short, _short_error(reply["error"]))
 
 
+def _event(level, message, *args):
+    """Log a task event. Thousands come a second, so the record is made
+    without looking for the caller's frame (which costs more than the line);
+    the logging module's own settings stay as the user has them."""
+    if logger.isEnabledFor(level):
+        logger.handle(logger.makeRecord(logger.name, level, __file__, 0, message, args, None,
+                                        "Worker"))
+
+
 def _log_outcomes(done):
     for outcome in done.recorded:
         if outcome.note is not None:
-            logger.log(outcome.note[0], outcome.note[1], *outcome.note[2])
+            _event(outcome.note[0], outcome.note[1], *outcome.note[2])
     for outcome in done.refused:
         logger.warning("Task %s: its lease was lost (the task went to another worker); "
                        "this result is discarded", outcome.doc["id"][:8])
@@ -3176,7 +3232,7 @@ class _ClaimGate:
         self.more, self.seen, self.next_eta = {}, {}, {}
 
     def wants(self, pools, store, now, sweep):
-        """{mode: free slots} to claim for."""
+        """{mode: (free slots, idle slots)} to claim for."""
         version, wants = None, {}
         for mode, pool in pools.items():
             free = pool.free()
@@ -3189,11 +3245,11 @@ class _ClaimGate:
                         eta is None or eta > now) and not sweep:
                     continue
                 self.seen[mode] = version
-            wants[mode] = free
+            wants[mode] = (free, pool.idle_slots())
         return wants
 
     def update(self, wants, done):
-        for mode, n in wants.items():
+        for mode, (n, _) in wants.items():
             self.more[mode] = len(done.claimed.get(mode, ())) == n
             if mode in done.idle:
                 self.next_eta[mode] = done.idle[mode]
@@ -3387,7 +3443,12 @@ class _Pool:
         raise NotImplementedError
 
     def free(self):
+        """How many more tasks to claim for this pool."""
         return self.size - self.busy()
+
+    def idle_slots(self):
+        """Slots that would start a task the moment it arrives."""
+        return max(0, self.free())
 
     def submit(self, run):
         raise NotImplementedError
@@ -3442,13 +3503,19 @@ class _NoPool(_Pool):
         pass
 
 
+#: Tasks a worker may hold per thread: one running, the rest waiting for it.
+#: Claiming ahead halves the transactions per task while a backlog drains.
+THREAD_WINDOW = 2
+
+
 class _ThreadPool(_Pool):
     """Daemon threads, so a forced exit never waits on a hung task.
 
     Python cannot kill a thread: a run past its timeout, or a daemon run at
     shutdown, is ended at once and its thread abandoned (still counted busy)
     until the function returns; its late result is dropped. A cancel only
-    raises the task's ``cancelled`` flag (cooperative).
+    raises the task's ``cancelled`` flag (cooperative). Up to THREAD_WINDOW
+    tasks per thread are claimed; a timeout counts from a task's own start.
     """
 
     mode = "thread"
@@ -3456,17 +3523,23 @@ class _ThreadPool(_Pool):
     def __init__(self, manager, size, inbox):
         super().__init__(size, inbox)
         self.limit = manager.max_payload
-        self.jobs = queue.Queue()
+        self.jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._runs = {}  # id -> [run, started?], until its reply is posted
-        self._abandoned = 0
+        self._started = self._abandoned = 0
 
     def start(self):
         for n in range(self.size):
             threading.Thread(target=self._serve, name=f"castor-thread-{n}", daemon=True).start()
 
     def busy(self):
-        return len(self._runs) + self._abandoned
+        return self._started + self._abandoned
+
+    def free(self):
+        return self.size * THREAD_WINDOW - len(self._runs) - self._abandoned
+
+    def idle_slots(self):
+        return max(0, self.size - len(self._runs) - self._abandoned)
 
     def submit(self, run):
         with self._lock:
@@ -3474,7 +3547,7 @@ class _ThreadPool(_Pool):
         self.jobs.put(run)
 
     def cancel(self, run):
-        run.ctx._cancel.set()
+        run.ctx._cancel = True
         with self._lock:
             queued = run.id in self._runs and not self._runs[run.id][1]
         if queued:
@@ -3485,13 +3558,14 @@ class _ThreadPool(_Pool):
             self._end(run, _failed("terminated at shutdown"))
 
     def wake_at(self):
-        deadlines = [run.deadline for run, _ in list(self._runs.values()) if run.deadline]
+        deadlines = [run.deadline for run, started in list(self._runs.values())
+                     if started and run.deadline]
         return min(deadlines, default=None)
 
     def tick(self, now):
         """End the runs past their timeout."""
-        for run, _ in list(self._runs.values()):
-            if run.deadline is not None and now >= run.deadline:
+        for run, started in list(self._runs.values()):
+            if started and run.deadline is not None and now >= run.deadline:
                 self._end(run, _failure(TimeoutError(
                     f"task exceeded its timeout of {run.task.timeout:g}s (its thread cannot "
                     "be killed; its late result will be discarded)")))
@@ -3503,6 +3577,8 @@ class _ThreadPool(_Pool):
                 if run.id not in self._runs:
                     continue  # ended before it started
                 self._runs[run.id][1] = True
+                self._started += 1
+                run.begin(time.time())
             try:
                 reply = _execute(run.task, run.doc["args"], run.doc["kwargs"], run.ctx,
                                  self.limit)
@@ -3518,6 +3594,7 @@ class _ThreadPool(_Pool):
                 if by_thread:
                     self._abandoned -= 1
                 return
+            self._started -= entry[1]
             if entry[1] and not by_thread:  # its thread runs on, abandoned
                 self._abandoned += 1
         self.post(run, reply)
@@ -3556,7 +3633,7 @@ class _AsyncPool(_Pool):
         self._loop.call_soon_threadsafe(self._begin, run)
 
     def cancel(self, run):
-        run.ctx._cancel.set()
+        run.ctx._cancel = True
         self._end_early(run, _cancelled_reply())
 
     def stop_daemons(self, runs):
@@ -3648,10 +3725,20 @@ class _AsyncPool(_Pool):
 # a bare fork of this threaded process) in a session of its own, so a terminal's
 # Ctrl+C reaches only the worker, which decides what happens to the children.
 # A child imports the same modules the worker did and finds tasks by name in
-# its own registry. It never opens the store: it reads a job as a JSON line on
-# stdin and writes progress and then the reply as JSON lines on its original
-# stdout (the task's own prints go to stderr). The slot kills and replaces its
-# child when a task times out, is cancelled, or the child dies.
+# its own registry. It never opens the store: it reads jobs as JSON lines on
+# stdin, runs them one after the other, and writes progress and replies as
+# JSON lines on its original stdout (the task's own prints go to stderr).
+#
+# A slot keeps up to PROCESS_WINDOW jobs in its child's pipe, so the child
+# starts the next one the moment it replies (no round trip per task), but
+# only while no other slot is idle: work waits behind a busy child only when
+# every child is busy. A job's timeout runs from when its child starts it,
+# which is when the previous reply came. When a child must go (a timeout, a
+# cancel, a crash), the job it was running ends and the ones still waiting
+# in its pipe go back to the pool's queue: they never started.
+
+#: Jobs a process-pool child may have in its pipe at once, the running one included.
+PROCESS_WINDOW = 4
 
 
 class _ProcessPool(_Pool):
@@ -3660,11 +3747,16 @@ class _ProcessPool(_Pool):
     def __init__(self, config, size, inbox):
         super().__init__(size, inbox)
         self.config = config
-        self.jobs = queue.Queue()
+        self.jobs = queue.SimpleQueue()
         self.runs = {}     # id -> run, until its reply is posted
         self.endings = {}  # id -> the reply of a run castor ends early
         self.silent = False
+        self.idle = size  # slots with nothing in flight
         self.slots = [_ProcessSlot(self, n) for n in range(size)]
+
+    @property
+    def capacity(self):
+        return self.size * PROCESS_WINDOW
 
     def start(self):
         for slot in self.slots:
@@ -3673,12 +3765,19 @@ class _ProcessPool(_Pool):
     def busy(self):
         return len(self.runs)
 
+    def free(self):
+        # Claims may fill every child's window: tasks wait in pipes, not in the store.
+        return self.capacity - len(self.runs)
+
+    def idle_slots(self):
+        return max(0, self.size - len(self.runs))
+
     def submit(self, run):
         self.runs[run.id] = run
         self.jobs.put(run)
 
     def cancel(self, run):
-        run.ctx._cancel.set()
+        run.ctx._cancel = True
         self._end_early(run, _cancelled_reply())
 
     def stop_daemons(self, runs):
@@ -3701,80 +3800,147 @@ class _ProcessPool(_Pool):
     def _end_early(self, run, reply):
         if run.id not in self.runs:
             return
-        # endings first, then the look at current: the slot sets current
-        # first, then looks at endings, so one of the two sees the other.
+        # endings first, then the look at the slots: a slot starts a job,
+        # then looks at endings, so one of the two sees the other.
         self.endings[run.id] = reply
         for slot in self.slots:
-            if slot.current == run.id:
+            if slot.running() is run:
                 slot.kill_child()
 
 
 class _ProcessSlot(threading.Thread):
+    """One child, and the jobs in its pipe (the first one is running)."""
+
     def __init__(self, pool, n):
         super().__init__(name=f"castor-process-{n}", daemon=True)
         self.pool = pool
         self.child = None
-        self.current = None
-        self.closing = False
+        self.inflight = collections.deque()
+        self.buffer = b""  # what the child wrote that is not a whole line yet
+        self.started = None  # when the child began the first job in flight
+        self.closing = self.draining = False
         self._lock = threading.Lock()
 
-    def run(self):
-        while True:
-            # Warm up (again) before the next task: a new child takes a while.
-            with contextlib.suppress(Exception):
-                self._ensure_child()
-            run = self.pool.jobs.get()
-            if run is None:
-                return
-            self.current = run.id
-            reply = None if run.id in self.pool.endings else self._run_job(run)
-            self.current = None
-            self.pool.post(run, self.pool.endings.get(run.id) or reply)
+    def running(self):
+        inflight = self.inflight
+        return inflight[0] if inflight else None
 
-    def _run_job(self, run):
+    def run(self):
+        while not (self.draining and not self.inflight):
+            if self.child is None:  # warm up (again) before the next task: a child takes a while
+                with contextlib.suppress(Exception):
+                    self._ensure_child()
+            self._fill()
+            if self.inflight:
+                self._step()
+
+    def _fill(self):
+        """Send jobs to the child: wait for one when idle; take more only
+        while no other slot is idle."""
+        pool = self.pool
+        while not self.draining and len(self.inflight) < PROCESS_WINDOW:
+            idle = not self.inflight
+            if not idle and pool.idle > 0:
+                return
+            try:  # never block with jobs in flight: their replies must be read
+                run = pool.jobs.get(block=idle)
+            except queue.Empty:
+                return
+            if run is None:
+                self.draining = True
+                return
+            if run.id in pool.endings:  # ended before it was sent
+                pool.post(run, pool.endings[run.id])
+                continue
+            if idle:
+                pool.idle -= 1
+                self.started = time.monotonic()
+            if not self._send(run):
+                return
+
+    def _send(self, run):
         job = {"id": run.id, "name": run.task.name, "args": run.doc["args"],
-               "kwargs": run.doc["kwargs"], "attempt": run.ctx.attempt,
-               "limit": self.pool.config["limit"]}
+               "kwargs": run.doc["kwargs"], "attempt": run.ctx.attempt}
+        self.inflight.append(run)
         try:
-            child = self._ensure_child()
+            child = self.child or self._ensure_child()
             child.stdin.write((_dumps(job) + "\n").encode())
             child.stdin.flush()
+            return True
         except (OSError, CastorError) as exc:
-            self.kill_child()
-            return _failed(f"could not start the task's process: {exc}")
-        return self._await_reply(child, run)
+            self._lose_child(_failed(f"could not start the task's process: {exc}"))
+            return False
 
-    def _await_reply(self, child, run):
-        """Read progress lines until the reply; kill the child past the deadline."""
+    def _step(self):
+        """Wait for the running job's next line: progress, its reply, or its end."""
+        run = self.inflight[0]
         timeout = run.task.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            line = self._read_line(child, deadline)
-            if line is None:
-                self.kill_child()
-                return _failure(TimeoutError(
-                    f"task exceeded its timeout of {timeout:g}s; its process was killed"))
-            if not line:
-                code = child.wait()
-                self.child = None
-                return _failed(f"the task's process died ({_exit_reason(code)}); "
-                               "the pool replaced it")
-            message = json.loads(line)
-            if "progress" in message:
-                run.ctx._progress, run.ctx._dirty = message["progress"], True
-            if "ok" in message:
-                return message
+        line = self._read_line(None if timeout is None else self.started + timeout)
+        if line is None:
+            self._lose_child(_failure(TimeoutError(
+                f"task exceeded its timeout of {timeout:g}s; its process was killed")))
+        elif not line:
+            code = self.child.wait() if self.child is not None else None
+            reason = "killed" if code is None else _exit_reason(code)
+            self._lose_child(_failed(f"the task's process died ({reason}); "
+                                     "the pool replaced it"))
+        else:
+            self._on_line(run, json.loads(line))
 
-    def _read_line(self, child, deadline):
-        """A line; None past the deadline; b"" when the child died."""
-        fd = child.stdout.fileno()
-        while True:
+    def _on_line(self, run, message):
+        if "progress" in message:
+            run.ctx._progress, run.ctx._dirty = message["progress"], True
+        if "ok" in message:
+            self._finish(message)
+            self.started = time.monotonic()  # the child starts the next job now
+            nxt = self.running()
+            if nxt is not None and nxt.id in self.pool.endings:  # cancelled while waiting
+                self._lose_child(None)
+
+    def _finish(self, reply):
+        """The running job's reply (or how castor ended it) goes to the inbox."""
+        run = self.inflight.popleft()
+        if not self.inflight:
+            self.pool.idle += 1
+        self.pool.post(run, self.pool.endings.get(run.id) or reply)
+
+    def _lose_child(self, reply):
+        """The child goes: its running job ends with ``reply`` (or how castor
+        ended it); the jobs still waiting in its pipe go back to the queue."""
+        self.kill_child()
+        if self.inflight:
+            waiting = list(self.inflight)[1:]
+            self.inflight = collections.deque([self.inflight[0]])
+            self._finish(reply)
+            for run in waiting:
+                self.pool.jobs.put(run)
+
+    def _read_line(self, deadline):
+        """A line; None past the deadline; b"" when the child died.
+
+        The pipe is read raw, into a buffer of our own: with several jobs in
+        flight several replies arrive together, and a buffered file object
+        would hold them where select() cannot see them.
+        """
+        while b"\n" not in self.buffer:
+            child = self.child
             left = None if deadline is None else deadline - time.monotonic()
+            if child is None:
+                return b""
             if left is not None and left <= 0:
                 return None
-            ready, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
-            if ready:
-                return child.stdout.readline()
+            try:
+                fd = child.stdout.fileno()
+                ready, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
+                chunk = os.read(fd, 65536) if ready else None
+            except (OSError, ValueError):  # killed and closed meanwhile
+                return b""
+            if chunk == b"":
+                return b""
+            if chunk:
+                self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
 
     def _ensure_child(self):
         with self._lock:
@@ -3782,7 +3948,7 @@ class _ProcessSlot(threading.Thread):
                 return self.child
             if self.closing:
                 raise CastorError("the worker is shutting down")
-            self.child = _spawn_child(self.pool.config)
+            self.child, self.buffer = _spawn_child(self.pool.config), b""
             return self.child
 
     def kill_child(self):
@@ -3812,7 +3978,8 @@ def _spawn_child(config):
     import subprocess
     boot = (f"import sys; sys.path.insert(0, {_own_root()!r}); import importlib; "
             f"importlib.import_module({_own_name()!r})._child_main()")
-    child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)],
+    # Unbuffered: the slot reads the pipe itself (see _ProcessSlot._read_line).
+    child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)], bufsize=0,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              start_new_session=True, env=dict(os.environ, CASTOR_POOL_CHILD="1"))
     ready, _, _ = select.select([child.stdout], [], [], CHILD_START_TIMEOUT)
@@ -5688,13 +5855,25 @@ def _setup_logging(level):
 
 
 class _Formatter(logging.Formatter):
-    """``2026-11-22 08:39:06,226 INFO    message``, the clock cached per second."""
+    """``2026-11-22 08:39:06,226 INFO    message``, the clock cached per second.
+
+    Built directly rather than through a format string: a busy worker
+    formats thousands of lines a second.
+    """
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)-7s %(message)s")
 
     def formatTime(self, record, datefmt=None):
         return f"{_local_seconds(int(record.created))},{int(record.msecs):03d}"
+
+    def format(self, record):
+        text = f"{self.formatTime(record)} {record.levelname:<7} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
 
 
 @functools.lru_cache(maxsize=64)
@@ -5725,7 +5904,7 @@ class _BatchingHandler(logging.StreamHandler):
             self._lines.append(line)
         if record.levelno >= logging.WARNING:
             self.flush()
-        else:
+        elif not self._waiting.is_set():
             self._waiting.set()
 
     def flush(self):

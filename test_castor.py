@@ -721,19 +721,23 @@ def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
     for kid in kids:
         os.kill(kid, signal.SIGKILL)
     worker.wait()
+    # Running in the store: started, or claimed and waiting for a free thread.
     interrupted = [h for h in handles if h.status() == "running"]
     assert interrupted, "the kill should have caught some tasks running"
+    begun = collections.Counter(project.labels())
     project.start("--workers", "1", "--threads", "4")
     for handle in handles:
         assert handle.join(timeout=60) == 0.05
     starts = collections.Counter(label for label in project.labels() if label.endswith(":start"))
     ends = collections.Counter(label for label in project.labels() if label.endswith(":end"))
     assert set(ends) == {f"t{i}:end" for i in range(300)}
+    rerun = 0
     for handle in interrupted:
-        label = handle.info()["args"][1]
-        assert starts[label + ":start"] == 2  # ran again, exactly once more
+        label = handle.info()["args"][1] + ":start"
+        assert starts[label] == begun[label] + 1  # ran (again), exactly once more
         assert handle.info()["losses"] == 1 and handle.info()["attempts"] == 1
-    assert sum(starts.values()) == 300 + len(interrupted)
+        rerun += begun[label]
+    assert sum(starts.values()) == 300 + rerun and rerun > 0
 
 
 def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
@@ -1669,8 +1673,9 @@ def limited(label):
     mark(label + ":start")
     time.sleep(0.15)
     mark(label + ":end")
+"""
 
-
+CRON_APP = """
 @manager.task(mode="thread", cron="* * * * *", tz="Europe/Paris")
 def every_minute():
     mark("cron")
@@ -1834,7 +1839,7 @@ def test_concurrency_limit_across_three_workers(make_project):
 
 def test_cron_slots_fire_once_across_workers(make_project):
     """Two schedulers (two workers) on the real store, with a clock passed in."""
-    proj = make_project(OPS_APP)
+    proj = make_project(CRON_APP)
     store = proj.manager._store
     task = proj.mod.every_minute
     one, two = (castor._Scheduler(store, [task]) for _ in range(2))
@@ -1856,6 +1861,8 @@ def test_cron_slots_fire_once_across_workers(make_project):
     assert time.time() < store.periodic()[task.name] <= time.time() + 60
     assert [m["schedule"] for m in proj.manager.periodic()] == [
         "cron * * * * * (Europe/Paris)"]
+    stats = run_cli("stats", f"{proj.module}:manager", cwd=proj.path).stdout
+    assert "every_minute" in stats and "cron * * * * * (Europe/Paris)" in stats
 
 
 def test_cron_and_every_options_are_checked(project):
@@ -1907,7 +1914,7 @@ def test_inspection_commands(make_project):
     stats = json.loads(cli("stats", target, "--json"))
     assert stats["counts"]["success"] == 2 and stats["counts"]["cancelled"] == 1
     assert len(stats["workers"]) == 1 and stats["store"].endswith("tasks.db")
-    assert "every_minute" in cli("stats", target)
+    assert "STATUS" in cli("stats", target)
     assert json.loads(cli("prune", target, "--older-than", "0s", "--json")) == {"pruned": 3}
 
 
@@ -3518,6 +3525,7 @@ def test_symlinked_database_path_is_resolved(tmp_path):
 
 
 def test_worker_inside_a_program_stops_cleanly(project):
+    others = children_of(os.getpid())  # a browser or a server of another test, maybe
     worker = castor.Worker(project.manager, workers=1, threads=2)
     runner = threading.Thread(target=worker.run)
     runner.start()
@@ -3529,7 +3537,7 @@ def test_worker_inside_a_program_stops_cleanly(project):
         runner.join(timeout=30)
     assert not runner.is_alive() and worker.state == "Stopped"
     assert project.worker_rows() == 0
-    assert children_of(os.getpid()) == set()
+    wait_for(lambda: children_of(os.getpid()) <= others, timeout=10, what="no child left")
 
 
 def _cpu_seconds(pid):
