@@ -2472,22 +2472,20 @@ class _PostgresStore(_Store):
         return docs
 
     def periodic(self):
-        rows = self._do(lambda cur: cur.execute(
-            f"SELECT name, next_run - {_PG_NOW} FROM castor_periodic").fetchall())
-        clock = time.time()
-        return {name: clock + left for name, left in rows}
+        # Slots are kept in the firing workers' own clock, compared exactly
+        # like a version number: converting them through the server's clock
+        # would blur the compare-and-set below.
+        return dict(self._do(lambda cur: cur.execute(
+            "SELECT name, next_run FROM castor_periodic").fetchall()))
 
     def fire_periodic(self, name, expected, next_run, new):
         def work(cur):
-            clock = time.time()
             if expected is None:
-                cur.execute(f"INSERT INTO castor_periodic VALUES (%s, {_PG_AT}) "
-                            "ON CONFLICT DO NOTHING", (name, next_run - clock))
+                cur.execute("INSERT INTO castor_periodic VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                            (name, next_run))
             else:
-                # The stored slot, seen from here, must still be the one we read.
-                cur.execute(f"UPDATE castor_periodic SET next_run = {_PG_AT} WHERE name = %s "
-                            f"AND abs(next_run - {_PG_AT}) < 0.001",
-                            (next_run - clock, name, expected - clock))
+                cur.execute("UPDATE castor_periodic SET next_run = %s WHERE name = %s AND "
+                            "next_run = %s", (next_run, name, expected))
             won = cur.rowcount == 1
             if won and new is not None:
                 self._add(cur, [new])
