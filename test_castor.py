@@ -212,7 +212,9 @@ class Project:
         self.path, self.store = path, store
         self.module = f"proj{next(_names)}"
         with open(path / f"{self.module}.py", "w") as fh:
-            fh.write(f"STORE = {store!r}\n" + TASKS + textwrap.dedent(extra))
+            # A worker on another host reaches the server at another address.
+            fh.write(f"import os\nSTORE = os.environ.get('CASTOR_TEST_STORE') or {store!r}\n"
+                     + TASKS + textwrap.dedent(extra))
         self.workers = []
         self._mod = self._observer = None
 
@@ -231,13 +233,15 @@ class Project:
     def manager(self):
         return self.mod.manager
 
-    def start(self, *flags, target=None, wait=True, **popen):
-        """A worker as a subprocess: ``python -m castor MODULE:manager``."""
+    def start(self, *flags, target=None, wait=True, host=None, **popen):
+        """A worker as a subprocess: ``python -m castor MODULE:manager`` (on
+        another ``host``, a network namespace, if given)."""
         cmd = [sys.executable, "-m", "castor", *flags, target or f"{self.module}:manager"]
         # Files, not pipes: a worker's logs must never fill a pipe and block it.
         n = len(self.workers)
         out, err = (open(self.path / f"worker{n}.{kind}", "w+") for kind in ("out", "err"))
-        proc = subprocess.Popen(cmd, cwd=self.path, stdout=out, stderr=err, text=True, **popen)
+        launch = subprocess.Popen if host is None else host.run
+        proc = launch(cmd, cwd=self.path, stdout=out, stderr=err, text=True, **popen)
         proc.files = (out, err)
         self.workers.append(proc)
         if wait:
@@ -623,7 +627,9 @@ class PgServer:
             "max_connections": 200,
             "shared_buffers": "16MB",
             "fsync": "off",
-            "synchronous_commit": "off",
+            # on: a commit is in the WAL (the OS cache, fsync is off) before it returns, so
+            # an immediate restart (a crash) loses no committed task, as in production.
+            "synchronous_commit": "on",
             "full_page_writes": "off",
             "wal_level": "minimal",
             "max_wal_senders": 0,
@@ -2362,6 +2368,181 @@ def test_tasks_counts_and_prune(project):
         assert list(mod.db.dict("castor_tasks").keys()) == [waiting.id]
     with pytest.raises(castor.UnknownTaskError):
         done[0].status()
+
+
+# PostgreSQL: several hosts, outages, credentials ##############################
+#
+# Workers on other hosts (network namespaces) share one queue on the test
+# server. After a kill -9, a cut link or a server restart in the middle of a
+# drain, every task is recorded exactly once, none is lost, none is left
+# running.
+
+HOSTS_APP = """
+@manager.task(mode="thread")
+def work(i, seconds):
+    mark(f"w{i}")
+    time.sleep(seconds)
+    return [i, os.environ.get("CASTOR_TEST_HOST", "here")]
+"""
+
+
+@pytest.fixture
+def pg_project(tmp_path, pg_server):
+    """A project on a fresh PostgreSQL database, and the database's name."""
+    name, _ = pg_server.create_database()
+    proj = Project(tmp_path, HOSTS_APP, store=pg_server.url(name))
+    yield proj, name
+    proj.cleanup()
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def two_hosts(pg_server, pg_project):
+    """Two network namespaces reaching the server, or None (and a warning)
+    where they cannot be made: workers then run here, as distinct workers."""
+    try:
+        hosts = Hosts(2, pg_server).__enter__()
+    except Unavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to make network namespaces: {exc}")
+        warnings.warn(f"no network namespaces ({exc}): the hosts are local processes")
+        yield None
+        return
+    yield hosts
+    hosts.close()
+
+
+def start_on(proj, hosts, i, *flags, name=None):
+    """A worker on host ``i`` (a namespace, or this machine without hosts)."""
+    if hosts is None:
+        env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}")
+        return proj.start(*flags, env=env)
+    env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}", CASTOR_TEST_STORE=hosts[i].url(name))
+    return proj.start(*flags, host=hosts[i], env=env)
+
+
+def assert_each_recorded_once(proj, handles):
+    """Every task succeeded with its own result; nothing pending or running."""
+    for i, handle in enumerate(handles):
+        assert handle.join(timeout=90)[0] == i
+    counts = proj.manager.counts()
+    assert counts["success"] == len(handles) and counts["pending"] == counts["running"] == 0
+    assert collections.Counter(proj.labels()).keys() == {f"w{i}" for i in range(len(handles))}
+
+
+def test_kill_9_one_hosts_worker_mid_drain(pg_project, two_hosts):
+    proj, name = pg_project
+    handles = proj.mod.work.map([(i, 0.05) for i in range(200)])
+    first = start_on(proj, two_hosts, 0, "--threads", "4", name=name)
+    start_on(proj, two_hosts, 1, "--threads", "4", name=name)
+    wait_for(lambda: len(proj.runs()) > 40, what="the drain under way")
+    first.kill()
+    first.wait()
+    assert_each_recorded_once(proj, handles)
+    again = [label for label, n in collections.Counter(proj.labels()).items() if n > 1]
+    assert all(proj.manager.get_task_by_id(handles[int(label[1:])].id).info()["losses"] == 1
+               for label in again)
+
+
+def test_a_cut_host_loses_its_tasks_and_its_late_results_are_refused(pg_project, two_hosts):
+    proj, name = pg_project
+    first = start_on(proj, two_hosts, 0, "--threads", "2", name=name)
+    handles = proj.mod.work.map([(i, 4.0) for i in range(2)])
+    wait_for(lambda: all(h.status() == "running" for h in handles), what="host 0 running both")
+    start_on(proj, two_hosts, 1, "--threads", "2", name=name)
+    if two_hosts is None:
+        first.send_signal(signal.SIGSTOP)  # frozen: no heartbeat, as if cut off
+    else:
+        two_hosts[0].cut()
+    cut_at = time.monotonic()
+    try:
+        # Host 1 takes both over once host 0's lease has expired, within 15 s.
+        wait_for(lambda: proj.labels().count("w0") == 2 and proj.labels().count("w1") == 2,
+                 timeout=30, what="host 1 running both again")
+        assert time.monotonic() - cut_at < 15 + 2
+        assert [h.join(timeout=30) for h in handles] == [[0, "host1"], [1, "host1"]]
+    finally:
+        if two_hosts is None:
+            first.send_signal(signal.SIGCONT)
+        else:
+            two_hosts[0].restore()
+    # Host 0 comes back with its own results: refused, and said so.
+    wait_for(lambda: proj.output(first)[1].count("lease was lost") == 2, timeout=60,
+             what="host 0's late results refused")
+    assert [h.info()["result"] for h in handles] == [[0, "host1"], [1, "host1"]]
+    assert proj.manager.counts()["success"] == 2 and first.poll() is None
+
+
+def test_server_restart_mid_drain(pg_project, pg_server, two_hosts):
+    if not pg_server.can_restart:
+        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be restarted by the tests")
+    proj, name = pg_project
+    handles = proj.mod.work.map([(i, 0.01) for i in range(400)])
+    workers = [start_on(proj, two_hosts, i, "--threads", "4", name=name) for i in range(2)]
+    wait_for(lambda: len(proj.runs()) > 60, what="the drain under way")
+    pg_server.restart(immediate=True)
+    assert_each_recorded_once(proj, handles)
+    for worker in workers:
+        err = proj.output(worker)[1]
+        assert worker.poll() is None and "Traceback" not in err
+
+
+def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_server):
+    if not pg_server.can_restart:
+        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be stopped by the tests")
+    proj, _ = pg_project
+    assert proj.mod.add.delay(1, 1).id  # connected once
+    pg_server.stop("immediate")
+    try:
+        started = time.monotonic()
+        with pytest.raises(castor.StoreError, match="PostgreSQL at postgresql://castor@") as info:
+            proj.mod.add.delay(2, 2)
+        waited = time.monotonic() - started  # it waited for the server, boundedly
+        assert castor.PG_OUTAGE_WAIT / 2 <= waited < castor.PG_OUTAGE_WAIT + 10
+        assert pg_server.password not in str(info.value)
+    finally:
+        pg_server.start_again()
+    assert proj.manager.counts()["pending"] == 1  # the task that failed was never stored
+    proj.start("--workers", "1")
+    assert proj.mod.add.delay(3, 3).join(timeout=20) == 6
+
+
+def test_credentials_never_show(pg_project, pg_server, tmp_path):
+    proj, _ = pg_project
+    password = pg_server.password
+    assert password in proj.store
+    manager = proj.manager
+    assert password not in repr(manager) and password not in manager.path
+    worker = proj.start("--workers", "1", "-i")  # not a terminal: plain logs, with the store
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    stats = run_cli("stats", f"{proj.module}:manager", cwd=proj.path)
+    wrong = Manager(proj.store.replace(password, password + "-wrong"))
+    with pytest.raises(castor.StoreError) as info:
+        wrong.counts()
+    with pytest.raises(TypeError) as bad:
+        Manager(f"host=127.0.0.1 password={password}")  # not a URL: refused, not echoed
+    _, err = proj.output(worker)[0], proj.stop(worker)[2]
+    for text in (err, stats.stdout, stats.stderr, str(info.value), str(bad.value)):
+        assert password not in text
+    assert "postgresql://castor@127.0.0.1" in err
+
+
+def test_a_worker_holds_a_few_connections(pg_project, pg_server):
+    proj, name = pg_project
+    worker = proj.start("--workers", "1", "--threads", "8")
+    handles = proj.mod.work.map([(i, 0.01) for i in range(300)])
+    peak = 0
+    with pg_server.admin_connect() as conn:
+        while not all(h.status() == "success" for h in handles[-5:]):
+            (n,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                "application_name = 'castor' AND pid <> pg_backend_pid() AND "
+                                "client_port IS NOT NULL", (name,)).fetchone()
+            peak = max(peak, n)
+    assert_each_recorded_once(proj, handles)
+    # The worker: the pool (up to 3, busy at most one here) and its listener;
+    # this test's own producer connection; the process pool's children: none.
+    assert 2 <= peak <= 1 + castor.PG_POOL_SIZE + 1
+    assert proj.stop(worker)[0] == 0
 
 
 # Async tasks ##################################################################
