@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv, start a worker on examples/quickstart, run the app, stop the worker.
-EXTRAS=test source "$(dirname "$0")/venv.sh"
+EXTRAS= source "$(dirname "$0")/venv.sh"
 root=$PWD
 cd examples/quickstart
 rm -f tasks.db tasks.db-wal tasks.db-shm

@@ -1,4 +1,5 @@
-# Sourced by the other scripts: make .venv (Python >= 3.12) and install castor.
+# Sourced by the other scripts: make .venv (Python >= 3.12) and install castor
+# with the extras in $EXTRAS (none if empty).
 set -eu
 cd "$(dirname "$0")/.."
 find_python() {
@@ -14,4 +15,6 @@ find_python() {
 if [ ! -x .venv/bin/python ]; then
     "$(find_python)" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-test}]"
+spec="."
+[ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
