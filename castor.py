@@ -1339,11 +1339,26 @@ class _Exchange:
 
 class _Room:
     """What a claim may still take of the names with a concurrency limit:
-    ``left`` per name, and ``idle`` in all (slots free to start them now: a
-    limited task must not wait behind another in a worker's queue)."""
+    ``left`` per name (its limit less the ``running`` [(name, n)]), and
+    ``idle`` in all (slots free to start them now: a limited task must not
+    wait behind another in a worker's queue)."""
 
-    def __init__(self, limits, idle):
+    def __init__(self, limits, idle, running):
         self.left, self.idle = dict(limits), idle
+        for name, n in running:
+            self.left[name] -= n
+
+    def pick(self, n, due):
+        """Up to ``n`` seqs of due tasks, in queue order, that fit; ``due(full,
+        picked, k)`` gives the next k due rows (seq, name) not of a ``full``
+        name and not already ``picked``."""
+        picked = []
+        while len(picked) < n:
+            rows = due(self.full(), picked, n - len(picked))
+            if not rows:
+                break
+            picked += self.take(rows)
+        return picked
 
     def full(self):
         """The names that may not be taken any more."""
@@ -1539,8 +1554,9 @@ def _sqlite_errors(method):
     return wrapper
 
 
-class _SqliteStore(_Store):
-    """Castor's SQL on the beaver file: one connection per thread."""
+class _SqliteFile(_Store):
+    """The beaver file: castor's connections to it (one per thread), its
+    schema, write transactions, and the documents in beaver's table."""
 
     def __init__(self, path):
         self.path = self.name = path
@@ -1594,7 +1610,7 @@ class _SqliteStore(_Store):
     def _write(self, conn=None):
         """A write transaction that takes the lock up front (no deadlocks)."""
         conn = conn or self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(conn)
         try:
             yield conn
             conn.execute("COMMIT")
@@ -1603,7 +1619,43 @@ class _SqliteStore(_Store):
                 conn.execute("ROLLBACK")
             raise
 
-    # Application side ---------------------------------------------------------
+    @_sqlite_errors
+    def version(self):
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def watch(self):
+        return _InotifyWatch.open(os.path.dirname(self.path))
+
+    def check(self):
+        identity = _file_identity(self.path)
+        if identity != self._identity:
+            what = "was deleted" if identity is None else "was replaced by another file"
+            raise _StoreGone(f"the database file {self.path} {what} while this worker "
+                             "was using it")
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.pid = None
+
+    # Documents ----------------------------------------------------------------
+
+    def _doc_in(self, conn, task_id):
+        row = conn.execute(_GET_DOC, (task_id,)).fetchone()
+        return _corrupt_doc(task_id) if row is None else _load_doc(task_id, row[0])
+
+    def _put_doc(self, conn, doc):
+        raw = _dumps(doc)
+        if not conn.execute(_SET_DOC, (raw, doc["id"])).rowcount:
+            conn.execute(_RESTORE_DOC, (doc["id"], raw))
+
+    def _bump(self, conn, counter, sign=1):
+        conn.executemany(_BUMP, [(status, sign * n) for status, n in counter.items() if n])
+
+
+class _SqliteTasks(_SqliteFile):
+    """The beaver file, the application's side: add, read, cancel, re-drive."""
 
     @_sqlite_errors
     def enqueue(self, new):
@@ -1719,11 +1771,10 @@ class _SqliteStore(_Store):
             self._bump(conn, done, -1)
         return sum(done.values())
 
-    @_sqlite_errors
-    def version(self):
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
-    # Worker side --------------------------------------------------------------
+class _SqliteStore(_SqliteTasks):
+    """Castor's SQL on the beaver file: the worker's side (claim, record,
+    heartbeats, reaping, periodic slots) on top of the application's."""
 
     @_sqlite_errors
     def exchange(self, worker_id, outcomes, progress, wants, limits, now):
@@ -1802,24 +1853,17 @@ class _SqliteStore(_Store):
     def _pick_limited(self, conn, mode, n, idle, limits, now):
         """Due tasks in queue order, no name past its concurrency limit, and
         limited ones only for slots that can start them now."""
-        marks = ",".join("?" * len(limits))
-        room = _Room(limits, idle)
-        for name, running in conn.execute(
-                f"SELECT name, count(*) FROM castor_jobs WHERE status = 'running' AND name IN "
-                f"({marks}) GROUP BY name", list(limits)):
-            room.left[name] -= running
-        picked = []
-        while len(picked) < n:
-            full = room.full()
-            rows = conn.execute(
+        room = _Room(limits, idle, conn.execute(
+            f"SELECT name, count(*) FROM castor_jobs WHERE status = 'running' AND name IN "
+            f"({','.join('?' * len(limits))}) GROUP BY name", list(limits)).fetchall())
+
+        def due(full, picked, k):
+            return conn.execute(
                 f"SELECT seq, name FROM castor_jobs INDEXED BY castor_jobs_ready WHERE "
                 f"{_PENDING_LOOK} AND name NOT IN ({','.join('?' * len(full))}) AND seq NOT IN "
                 f"({','.join('?' * len(picked))}) ORDER BY priority, seq LIMIT ?",
-                (mode, now, *full, *picked, n - len(picked))).fetchall()
-            if not rows:
-                break
-            picked += room.take(rows)
-        return picked
+                (mode, now, *full, *picked, k)).fetchall()
+        return room.pick(n, due)
 
     @_sqlite_errors
     def cancel_requests(self, worker_id):
@@ -1907,35 +1951,38 @@ class _SqliteStore(_Store):
                 self._add(conn, [new])
         return bool(won)
 
-    def watch(self):
-        return _InotifyWatch.open(os.path.dirname(self.path))
 
-    def check(self):
-        identity = _file_identity(self.path)
-        if identity != self._identity:
-            what = "was deleted" if identity is None else "was replaced by another file"
-            raise _StoreGone(f"the database file {self.path} {what} while this worker "
-                             "was using it")
+def _begin_immediate(conn):
+    """BEGIN IMMEDIATE, waiting for another process's write lock in short,
+    jittered steps for up to BUSY_TIMEOUT.
 
-    def close(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.pid = None
+    SQLite's own busy handler sleeps in growing steps, up to 100 ms, so one
+    producer among several could stall for a tenth of a second while the
+    others commit in a fraction of a millisecond; this looks every few tenths
+    of a millisecond instead. Only the lock is waited for this way: the
+    connection keeps its busy timeout for everything else.
+    """
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline, pause = None, 0.0001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != _SQLITE_BUSY:
+                    raise
+                deadline = deadline or time.monotonic() + BUSY_TIMEOUT
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 1.5, 0.002)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
-    # Documents ----------------------------------------------------------------
 
-    def _doc_in(self, conn, task_id):
-        row = conn.execute(_GET_DOC, (task_id,)).fetchone()
-        return _corrupt_doc(task_id) if row is None else _load_doc(task_id, row[0])
-
-    def _put_doc(self, conn, doc):
-        raw = _dumps(doc)
-        if not conn.execute(_SET_DOC, (raw, doc["id"])).rowcount:
-            conn.execute(_RESTORE_DOC, (doc["id"], raw))
-
-    def _bump(self, conn, counter, sign=1):
-        conn.executemany(_BUMP, [(status, sign * n) for status, n in counter.items() if n])
+#: SQLite's result code for "the database is locked".
+_SQLITE_BUSY = 5
 
 
 def _run_script(conn, script):
@@ -2128,8 +2175,9 @@ WHERE t.id = v.id AND t.worker = %s AND t.lease = v.lease AND t.status = 'runnin
 RETURNING t.id"""
 
 
-class _PostgresStore(_Store):
-    """The store on a PostgreSQL server (psycopg 3), for workers on several hosts."""
+class _PgConnections(_Store):
+    """A PostgreSQL server: castor's connections to it, its schema, and
+    transactions that ride out a server gone for a moment."""
 
     def __init__(self, dsn):
         try:
@@ -2188,7 +2236,22 @@ class _PostgresStore(_Store):
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 
-    # Application side ---------------------------------------------------------
+    def version(self):
+        return None if self._listener is None else self._listener.version
+
+    def watch(self):
+        if self._listener is None:
+            self._listener = _PgListener(self)
+        return self._listener
+
+    def close(self):
+        if self._listener is not None:
+            self._listener.close()
+        self._pool.close()
+
+
+class _PgTasks(_PgConnections):
+    """PostgreSQL, the application's side: add, read, cancel, re-drive."""
 
     def enqueue(self, new):
         for item in new:
@@ -2314,10 +2377,10 @@ class _PostgresStore(_Store):
             return False
         return True
 
-    def version(self):
-        return None if self._listener is None else self._listener.version
 
-    # Worker side --------------------------------------------------------------
+class _PostgresStore(_PgTasks):
+    """The store on a PostgreSQL server (psycopg 3), for workers on several
+    hosts: the worker's side on top of the application's."""
 
     def exchange(self, worker_id, outcomes, progress, wants, limits, now):
         def work(cur):
@@ -2382,22 +2445,16 @@ class _PostgresStore(_Store):
         count the running ones in turn."""
         for name in sorted(limits):
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"castor:{name}",))
-        room = _Room(limits, idle)
-        for name, running in cur.execute(
-                "SELECT name, count(*) FROM castor_tasks WHERE status = 'running' AND "
-                "name = ANY(%s) GROUP BY name", (list(limits),)).fetchall():
-            room.left[name] -= running
-        picked = []
-        while len(picked) < n:
-            full = room.full()
-            rows = cur.execute(
+        room = _Room(limits, idle, cur.execute(
+            "SELECT name, count(*) FROM castor_tasks WHERE status = 'running' AND "
+            "name = ANY(%s) GROUP BY name", (list(limits),)).fetchall())
+
+        def due(full, picked, k):
+            return cur.execute(
                 f"SELECT seq, name FROM castor_tasks WHERE {_PG_READY} AND NOT (name = ANY(%s)) "
                 "AND NOT (seq = ANY(%s)) ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                (mode, full, picked, n - len(picked))).fetchall()
-            if not rows:
-                break
-            picked += room.take(rows)
-        return picked
+                (mode, full, picked, k)).fetchall()
+        return room.pick(n, due)
 
     def _next_eta(self, cur, mode):
         row = cur.execute(f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE "
@@ -2491,16 +2548,6 @@ class _PostgresStore(_Store):
                 self._add(cur, [new])
             return won
         return self._do(work, wait=False)
-
-    def watch(self):
-        if self._listener is None:
-            self._listener = _PgListener(self)
-        return self._listener
-
-    def close(self):
-        if self._listener is not None:
-            self._listener.close()
-        self._pool.close()
 
 
 def _pg_params(psycopg, dsn):
@@ -2621,9 +2668,7 @@ class _PgListener:
         return self._read
 
     def drain(self):
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._read, 65536):
-                pass
+        _drain(self._read)
 
     def close(self):
         self._closed.set()
@@ -2744,8 +2789,10 @@ class Worker:
         if os.environ.get("CASTOR_POOL_CHILD"):
             raise CastorError("a process-pool child imported a module that starts a worker: "
                               "put Worker(...).run() under `if __name__ == '__main__':`")
-        config = self._child_config()  # fail here, before touching signals or the store
-        restore = self._install_signals()
+        # Fail here, before touching signals or the store.
+        processes = any(t.mode == "process" for t in self.manager._tasks.values())
+        config = _child_config(self.manager, self.target, self.imports) if processes else None
+        restore = _install_signals(self._stop, self._abort, self._inbox.wakeup_fd)
         try:
             self.state = "Running"
             self._start(config, time.time())
@@ -2791,7 +2838,7 @@ class Worker:
 
     def _exchange(self, now, sweep):
         """Record finished runs and claim new tasks in one transaction, then start them."""
-        self._unrecorded += [self._settle(*item) for item in self._collect()]
+        self._unrecorded += [_settle(*item, self._rng) for item in self._collect()]
         progress = self._progress(now)
         wants = {} if self._stop.is_set() else self._gate.wants(self._pools, self.manager._store,
                                                                 now, sweep)
@@ -2832,27 +2879,6 @@ class Worker:
                 if run is not None:
                     ended.append((run, item[1], item[2]))
         return ended
-
-    def _settle(self, run, reply, ended):
-        """What becomes of a run: an _Outcome for the store, with its log line."""
-        doc = run.doc
-        retry_at = _retry_at(run.task, _as_int(doc.get("attempts")) or 1, reply, ended, self._rng)
-        if retry_at is not None:
-            doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
-                       exception=reply["error"], started_at=None, retry_at=_iso(retry_at))
-        else:
-            _finish_doc(doc, reply, ended)
-        if run.ctx._progress is not None:
-            doc["progress"] = run.ctx._progress
-        try:
-            raw = _dumps(doc)
-        except Exception as exc:  # one bad outcome must not block the others
-            logger.exception("Task %s: could not record its outcome", run.id[:8])
-            doc = _corrupt_doc(run.id, "an outcome castor could not record")
-            _finish_doc(doc, _failed(f"castor could not record this task's outcome: {exc!r}"),
-                        ended)
-            raw, retry_at = _dumps(doc), None
-        return _Outcome(doc, raw, retry_at, run.lease, _outcome_note(run, reply, ended, retry_at))
 
     def _dispatch(self, doc, lease):
         """Hand a claimed task to its pool; any problem fails that task only."""
@@ -2902,11 +2928,6 @@ class Worker:
 
     # Start and stop -----------------------------------------------------------
 
-    def _child_config(self):
-        if not any(t.mode == "process" for t in self.manager._tasks.values()):
-            return None
-        return _child_config(self.manager, self.target, self.imports)
-
     def _start(self, config, now):
         store, tasks = self.manager._store, self.manager._tasks.values()
         self._inbox.watch = store.watch()
@@ -2918,22 +2939,6 @@ class Worker:
         self._heart = _Heart(self.id, store, info)
         self._heart.register(now)
         self._scheduler = _Scheduler(store, [t for t in tasks if t.periodic])
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum, frame):
-            # Only flags here; the wakeup fd below has already woken the loop.
-            (self._abort if self._stop.is_set() else self._stop).set()
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        previous_fd = signal.set_wakeup_fd(self._inbox.wakeup_fd)
-
-        def restore():
-            signal.set_wakeup_fd(previous_fd)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return restore
 
     def _begin_stopping(self, now):
         """Stop claiming; daemon tasks are terminated, critical ones awaited."""
@@ -2956,7 +2961,7 @@ class Worker:
     def _give_back(self):
         store = self.manager._store
         try:
-            self._unrecorded += [self._settle(*item) for item in self._collect()]
+            self._unrecorded += [_settle(*item, self._rng) for item in self._collect()]
             if self._unrecorded:
                 _log_outcomes(store.exchange(self.id, self._unrecorded, {}, {}, {}, time.time()))
                 self._unrecorded = []
@@ -2966,6 +2971,26 @@ class Worker:
             store.deregister(self.id)
         except Exception:  # even then: close up, other workers will take over
             logger.exception("could not give back running tasks; other workers will")
+
+
+def _install_signals(stop, abort, wakeup_fd):
+    """SIGINT and SIGTERM stop the worker (in the main thread only): the first
+    sets ``stop``, the second ``abort``. Returns a function that puts back
+    what was there before."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum, frame):
+        # Only flags here; the wakeup fd below has already woken the loop.
+        (abort if stop.is_set() else stop).set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(wakeup_fd)
+
+    def restore():
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return restore
 
 
 def _start_pools(worker, config, modes):
@@ -3043,6 +3068,28 @@ def _call_repr(doc):
 #
 # Plain functions of the time they are given: the tests call them with any
 # clock they like.
+
+
+def _settle(run, reply, ended, rng):
+    """What becomes of a run: an _Outcome for the store, with its log line."""
+    doc = run.doc
+    retry_at = _retry_at(run.task, _as_int(doc.get("attempts")) or 1, reply, ended, rng)
+    if retry_at is not None:
+        doc.update(status="pending", worker=None, error=reply["error"]["traceback"],
+                   exception=reply["error"], started_at=None, retry_at=_iso(retry_at))
+    else:
+        _finish_doc(doc, reply, ended)
+    if run.ctx._progress is not None:
+        doc["progress"] = run.ctx._progress
+    try:
+        raw = _dumps(doc)
+    except Exception as exc:  # one bad outcome must not block the others
+        logger.exception("Task %s: could not record its outcome", run.id[:8])
+        doc = _corrupt_doc(run.id, "an outcome castor could not record")
+        _finish_doc(doc, _failed(f"castor could not record this task's outcome: {exc!r}"),
+                    ended)
+        raw, retry_at = _dumps(doc), None
+    return _Outcome(doc, raw, retry_at, run.lease, _outcome_note(run, reply, ended, retry_at))
 
 
 def _retry_at(task, attempts, reply, ended, rng):
@@ -3362,9 +3409,7 @@ class _Inbox:
             self._sleeping = False
         for source in ready:
             if source is self._read:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._read, 65536):
-                        pass
+                _drain(self._read)
             else:
                 source.drain()
         return bool(ready)
@@ -3375,6 +3420,13 @@ class _Inbox:
                 os.close(fd)
         if self.watch is not None:
             self.watch.close()
+
+
+def _drain(fd):
+    """Read a non-blocking fd empty: its bytes only said "wake up"."""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while os.read(fd, 65536):
+            pass
 
 
 class _InotifyWatch:
@@ -3405,9 +3457,7 @@ class _InotifyWatch:
         return self.fd
 
     def drain(self):
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self.fd, 65536):
-                pass
+        _drain(self.fd)
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -3451,12 +3501,21 @@ class _Pool:
     def submit(self, run):
         raise NotImplementedError
 
+    #: How a daemon=True run ends when the worker stops.
+    shutdown_message = "terminated at shutdown"
+
     def cancel(self, run):
         """Stop a run someone cancelled; it ends as cancelled."""
-        raise NotImplementedError
+        run.ctx._cancel = True
+        self._end_early(run, _cancelled_reply())
 
     def stop_daemons(self, runs):
         """At shutdown: end these daemon=True runs now."""
+        for run in runs:
+            self._end_early(run, _failed(self.shutdown_message))
+
+    def _end_early(self, run, reply):
+        """End a run before it finished by itself, with ``reply``."""
         raise NotImplementedError
 
     def tick(self, now):
@@ -3494,11 +3553,8 @@ class _NoPool(_Pool):
         self.post(run, _failed(f"{run.doc.get('task_name')} is a {self.mode} task but this "
                                f"worker has no {self.mode} tasks registered"))
 
-    def cancel(self, run):
-        pass
-
-    def stop_daemons(self, runs):
-        pass
+    def _end_early(self, run, reply):
+        pass  # its runs end as soon as they are submitted
 
 
 #: Tasks a worker may hold per thread: one running, the rest waiting for it.
@@ -3545,15 +3601,14 @@ class _ThreadPool(_Pool):
         self.jobs.put(run)
 
     def cancel(self, run):
-        run.ctx._cancel = True
+        run.ctx._cancel = True  # cooperative, unless it has not started yet
         with self._lock:
             queued = run.id in self._runs and not self._runs[run.id][1]
         if queued:
             self._end(run, _cancelled_reply())
 
-    def stop_daemons(self, runs):
-        for run in runs:
-            self._end(run, _failed("terminated at shutdown"))
+    def _end_early(self, run, reply):
+        self._end(run, reply)
 
     def wake_at(self):
         deadlines = [run.deadline for run, started in list(self._runs.values())
@@ -3606,6 +3661,7 @@ class _AsyncPool(_Pool):
     """
 
     mode = "async"
+    shutdown_message = "cancelled at shutdown"
 
     def __init__(self, manager, size, inbox):
         super().__init__(size, inbox)
@@ -3629,14 +3685,6 @@ class _AsyncPool(_Pool):
     def submit(self, run):
         self._runs[run.id] = run
         self._loop.call_soon_threadsafe(self._begin, run)
-
-    def cancel(self, run):
-        run.ctx._cancel = True
-        self._end_early(run, _cancelled_reply())
-
-    def stop_daemons(self, runs):
-        for run in runs:
-            self._end_early(run, _failed("cancelled at shutdown"))
 
     def close(self, kill):
         self._silent = kill
@@ -3773,14 +3821,6 @@ class _ProcessPool(_Pool):
     def submit(self, run):
         self.runs[run.id] = run
         self.jobs.put(run)
-
-    def cancel(self, run):
-        run.ctx._cancel = True
-        self._end_early(run, _cancelled_reply())
-
-    def stop_daemons(self, runs):
-        for run in runs:
-            self._end_early(run, _failed("terminated at shutdown"))
 
     def close(self, kill):
         self.silent = kill
@@ -4642,12 +4682,11 @@ class _WebApp:
     """The web view as a WSGI application: ``manager.wsgi_app(auth="user:password")``."""
 
     def __init__(self, manager, auth=None):
-        import secrets
         if auth is not None and (not isinstance(auth, str) or ":" not in auth):
-            raise ValueError(f"auth must be 'user:password' or None, not {auth!r}")
+            # Not the value itself: it may well hold a password.
+            raise ValueError("auth must be 'user:password' or None")
         self.manager = manager
-        self.auth = None if auth is None else auth.encode()
-        self._secret = secrets.token_bytes(32)  # tokens die with the process
+        self.guard = _WebGuard(auth)
 
     def __repr__(self):
         return f"<castor web view of {self.manager.path!r}>"
@@ -4663,7 +4702,7 @@ class _WebApp:
         return response.send(start_response, request.method)
 
     def _handle(self, request):
-        if not self._authorized(request):
+        if not self.guard.authorized(request):
             return _web_unauthorized()
         key, request.task_id = _web_route(request.path)
         method = "GET" if request.method == "HEAD" else request.method
@@ -4674,7 +4713,7 @@ class _WebApp:
             request.fields = request.form()
             if request.fields is None:
                 return self._error(request, "413 Content Too Large", "This form is too large.")
-            if not self._csrf_ok(request):
+            if not self.guard.csrf_ok(request):
                 return self._error(request, "403 Forbidden", "The form's security token is "
                                    "missing or stale: reload the page and try again.")
         return getattr(self, name)(request)
@@ -4686,53 +4725,6 @@ class _WebApp:
         methods = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
         return self._error(request, "405 Method Not Allowed", f"This page takes {methods}.",
                            headers=[("Allow", methods)])
-
-    # Who may -----------------------------------------------------------------
-
-    def _authorized(self, request):
-        """HTTP Basic, compared in constant time; True when the app has no auth."""
-        if self.auth is None:
-            return True
-        import base64
-        import hmac
-        scheme, _, value = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            given = base64.b64decode(value.strip(), validate=True)
-        except ValueError:  # binascii.Error: not base64
-            return False
-        return hmac.compare_digest(given, self.auth)
-
-    def _csrf_cookie(self, request):
-        """The browser's random CSRF value, or a new one if it sent none we could use."""
-        import secrets
-        if request.csrf is None:
-            sent = request.cookies.get(_CSRF_COOKIE, "")
-            request.csrf = sent if _web_token_like(sent) else secrets.token_urlsafe(32)
-        return request.csrf
-
-    def _csrf_ok(self, request):
-        sent = request.cookies.get(_CSRF_COOKIE, "")
-        token = request.fields.get("csrf", "")
-        return _web_token_like(sent) and _web_same(token, self._sign("csrf", sent))
-
-    def _sign(self, purpose, text):
-        import hashlib
-        import hmac
-        message = f"{purpose}\n{text}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
-
-    def _csrf_field(self, request):
-        token = self._sign("csrf", self._csrf_cookie(request))
-        return f'<input type="hidden" name="csrf" value="{token}">'
-
-    def _cookie(self, request):
-        """Set-Cookie for the CSRF value: scoped to this mount, never sent cross-site."""
-        path = _web_quote(request.base) + "/"
-        secure = "; Secure" if request.secure else ""
-        return ("Set-Cookie", f"{_CSRF_COOKIE}={self._csrf_cookie(request)}; Path={path}; "
-                              f"HttpOnly; SameSite=Strict{secure}")
 
     # Pages -------------------------------------------------------------------
 
@@ -4794,7 +4786,7 @@ class _WebApp:
             js=request.href("/static/app.js", v=__version__), home=request.href("/"),
             store=_esc(self.manager.path), attrs=attrs, notices=self._notices(request),
             content=content)
-        return _Response(status, text, headers=[self._cookie(request), *headers])
+        return _Response(status, text, headers=[self.guard.cookie(request), *headers])
 
     def _error(self, request, status, message, headers=()):
         content = f"<h1>{_esc(status)}</h1><p>{_esc(message)}</p>"
@@ -4803,10 +4795,10 @@ class _WebApp:
 
     def _notices(self, request):
         notices = []
-        if self.auth is None:
+        if self.guard.auth is None:
             notices.append(f'<p class="warning" role="alert">{_esc(_NO_AUTH_WARNING)}</p>')
         message, level = request.query.get("msg", ""), request.query.get("level", "ok")
-        signature = self._sign("flash", f"{level}\n{message}")
+        signature = self.guard.sign("flash", f"{level}\n{message}")
         if message and _web_same(request.query.get("sig", ""), signature):
             css = "error" if level == "error" else "ok"
             notices.append(f'<p class="flash {css}" role="status">{_esc(message)}</p>')
@@ -4819,7 +4811,7 @@ class _WebApp:
         hidden = "".join(f'<input type="hidden" name="{_esc(key)}" value="{_esc(value)}">'
                          for key, value in (fields or {}).items() if value)
         return (f'<form method="post" action="{request.href(path)}">'
-                f"{self._csrf_field(request)}{hidden}{before}"
+                f"{self.guard.csrf_field(request)}{hidden}{before}"
                 f'<button type="submit" class="{css}">{_esc(label)}</button></form>')
 
     def _filters(self, request, view):
@@ -4899,7 +4891,7 @@ class _WebApp:
 
     def _back(self, request, path, message, level="ok", query=None):
         """303 to ``path`` with a signed flash message: a reload never repeats the POST."""
-        signature = self._sign("flash", f"{level}\n{message}")
+        signature = self.guard.sign("flash", f"{level}\n{message}")
         url = request.url(path, **(query or {}), msg=message, level=level, sig=signature)
         return _Response("303 See Other", "", headers=[("Location", url)])
 
@@ -4971,6 +4963,60 @@ def _web_unauthorized():
 def _web_json(value):
     return _Response("200 OK", json.dumps(value, ensure_ascii=False),
                      "application/json; charset=utf-8")
+
+
+class _WebGuard:
+    """Who may: HTTP Basic auth, and the signed double-submit CSRF token."""
+
+    def __init__(self, auth):
+        import secrets
+        self.auth = None if auth is None else auth.encode()
+        self._secret = secrets.token_bytes(32)  # tokens die with the process
+
+    def authorized(self, request):
+        """HTTP Basic, compared in constant time; True when the app has no auth."""
+        if self.auth is None:
+            return True
+        import base64
+        import hmac
+        scheme, _, value = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(value.strip(), validate=True)
+        except ValueError:  # binascii.Error: not base64
+            return False
+        return hmac.compare_digest(given, self.auth)
+
+    def csrf_value(self, request):
+        """The browser's random CSRF value, or a new one if it sent none we could use."""
+        import secrets
+        if request.csrf is None:
+            sent = request.cookies.get(_CSRF_COOKIE, "")
+            request.csrf = sent if _web_token_like(sent) else secrets.token_urlsafe(32)
+        return request.csrf
+
+    def csrf_ok(self, request):
+        sent = request.cookies.get(_CSRF_COOKIE, "")
+        token = request.fields.get("csrf", "")
+        return _web_token_like(sent) and _web_same(token, self.sign("csrf", sent))
+
+    def sign(self, purpose, text):
+        import hashlib
+        import hmac
+        message = f"{purpose}\n{text}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def csrf_field(self, request):
+        token = self.sign("csrf", self.csrf_value(request))
+        return f'<input type="hidden" name="csrf" value="{token}">'
+
+    def cookie(self, request):
+        """Set-Cookie for the CSRF value: scoped to this mount, never sent cross-site."""
+        path = _web_quote(request.base) + "/"
+        secure = "; Secure" if request.secure else ""
+        return ("Set-Cookie", f"{_CSRF_COOKIE}={self.csrf_value(request)}; Path={path}; "
+                              f"HttpOnly; SameSite=Strict{secure}")
 
 
 # Web view: helpers ############################################################

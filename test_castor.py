@@ -180,6 +180,24 @@ def psleepy(seconds, label=None):
     return os.getpid()
 
 
+def wait_gate(gate, label):
+    """Mark the start, then wait until the file ``gate`` exists."""
+    mark(label + ":start")
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return label
+
+
+@manager.task(mode="thread")
+def gated(gate, label):
+    return wait_gate(gate, label)
+
+
+@manager.task(mode="process")
+def pgated(gate, label):
+    return wait_gate(gate, label)
+
+
 @manager.task(mode="thread", daemon=True)
 def dsleepy(seconds):
     time.sleep(seconds)
@@ -1263,7 +1281,7 @@ class Hosts:
         return len(self.hosts)
 
 
-# Decorator and handles (no worker) ############################################
+# Tasks and handles (no worker) ###############################################
 
 
 @pytest.mark.beaver_only
@@ -1391,7 +1409,28 @@ def test_manager_needs_a_file(tmp_path):
         Manager("tasks.db")
 
 
-# Worker basics ################################################################
+@pytest.mark.beaver_only
+def test_unreasonable_durations_are_refused(project):
+    for bad in (float("inf"), float("nan"), 1e12, -1):
+        with pytest.raises(ValueError):
+            project.manager.task(mode="thread", retry_delay=bad)
+        with pytest.raises(ValueError):
+            project.mod.add.schedule((1, 2), delay=bad)
+
+
+def test_symlinked_database_path_is_resolved(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    db = BeaverDB(str(link / "tasks.db"))
+    try:
+        assert Manager(db).path == str(real / "tasks.db")
+    finally:
+        db.close()
+
+
+# Running tasks ################################################################
 
 
 def test_thread_task_in_worker_process_and_process_task_elsewhere(project):
@@ -1458,12 +1497,14 @@ def test_async_resolve_does_not_block_the_loop(project):
                 ticks.append(time.monotonic())
                 await asyncio.sleep(0.01)
         tick_task = asyncio.create_task(ticker())
+        began = time.monotonic()
         result = await mod.sleepy.delay(0.5).resolve(timeout=20)
+        ended = time.monotonic()
         tick_task.cancel()
-        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-        return result, len(ticks), max(gaps)
-    result, count, worst = asyncio.run(scenario())
-    assert result == 0.5 and count >= 20 and worst < 0.2
+        # A blocking wait would let the ticker run only before and after it.
+        return result, [t for t in ticks if began < t < ended]
+    result, during = asyncio.run(scenario())
+    assert result == 0.5 and len(during) >= 5
 
 
 def test_unknown_task_name_fails_that_task_and_worker_keeps_serving(make_project):
@@ -1499,646 +1540,79 @@ def test_two_workers_run_each_of_500_tasks_once(project):
     assert project.manager.counts()["success"] == 500
 
 
-# CLI ##########################################################################
+UNPRINTABLE_APP = '''
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
 
 
-@pytest.mark.beaver_only
-@pytest.mark.beaver_only
-@pytest.mark.parametrize("args, message", [
-    ((), "MODULE:VARIABLE"),
-    (("proj_x",), "expected MODULE:VARIABLE"),
-    (("no_such_module:manager",), "no module named 'no_such_module'"),
-    (("{mod}:nothing",), "has no variable 'nothing'"),
-    (("{mod}:add",), "not a castor.Manager"),
-    (("--workers", "0", "{mod}:manager"), "must be 1 or more"),
-    (("--workers", "many", "{mod}:manager"), "whole number"),
-    (("--threads", "-2", "{mod}:manager"), "must be 1 or more"),
-    (("--bogus", "{mod}:manager"), "unrecognized arguments"),
-])
-def test_cli_usage_errors(project, args, message):
-    args = [a.format(mod=project.module) for a in args]
-    done = run_cli(*args, cwd=project.path)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], done.stderr
-
-
-def test_cli_import_flag_registers_more_tasks(project):
-    with open(project.path / "extra_tasks.py", "w") as fh:
-        fh.write(f"from {project.module} import manager\n"
-                 "@manager.task(mode='process')\n"
-                 "def triple(x):\n    return 3 * x\n")
-    project.start("--workers", "1", "--import", "extra_tasks")
-    sys.path.insert(0, str(project.path))
-    try:
-        project.mod
-        extra = importlib.import_module("extra_tasks")
-        assert extra.triple.delay(5).join(timeout=30) == 15
-    finally:
-        sys.path.remove(str(project.path))
-        sys.modules.pop("extra_tasks", None)
-
-
-def _copy_example(name, dest):
-    shutil.copytree(os.path.join(EXAMPLES, name), dest,
-                    ignore=shutil.ignore_patterns("*.db*", "__pycache__"))
-
-
-@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
-def test_seed_quickstart_end_to_end(tmp_path, command):
-    _copy_example("quickstart", tmp_path / "app")
-    app = tmp_path / "app"
-    if command == ["castor"]:
-        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
-    worker = subprocess.Popen(command + ["main:manager"], cwd=app, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        done = subprocess.run([sys.executable, "main.py"], cwd=app, capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert "Result from email task: {'recipient': 'alice@example.com', 'status': 'sent'}" \
-            in done.stdout
-        assert "--- Example finished ---" in done.stdout
-    finally:
-        worker.send_signal(signal.SIGINT)
-        out, err = worker.communicate(timeout=30)
-    assert worker.returncode == 0
-    assert "Starting server... Ctrl+C to stop." in err
-    assert "started: main.send_email('alice@example.com')" in err
-    assert "finished successfully in 2.0" in err
-    assert "-> Sending email to alice@example.com..." in out
-
-
-FASTAPI_CLIENT = '''
-import time
-from fastapi.testclient import TestClient
-from main import app, manager
-
-client = TestClient(app)
-posted = client.post("/calculate")
-assert posted.status_code == 202, posted.text
-task_id = posted.json()["task_id"]
-assert posted.json()["status"] == "pending"
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    body = client.get(f"/tasks/{task_id}").json()
-    if body["status"] == "success":
-        break
-    time.sleep(0.1)
-print("FINAL", body)
-missing = client.get("/tasks/no-such-task")
-assert missing.status_code == 404, missing.text
-'''
-
-
-@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
-def test_design_plan_fastapi_flow(tmp_path, command):
-    pytest.importorskip("fastapi")
-    _copy_example("fastapi", tmp_path / "app")
-    app = tmp_path / "app"
-    if command == ["castor"]:
-        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
-    worker = subprocess.Popen(command + ["--workers", "1", "main:manager"], cwd=app,
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        done = subprocess.run([sys.executable, "-c", FASTAPI_CLIENT], cwd=app,
-                              capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, done.stderr
-        assert "FINAL {'task_id':" in done.stdout
-        assert "'status': 'success', 'result': 350}" in done.stdout
-    finally:
-        worker.send_signal(signal.SIGINT)
-        _, err = worker.communicate(timeout=30)
-    assert worker.returncode == 0, err
-    assert "started: tasks.complex_calculation(100, 250)" in err
-
-
-def _registered(db_path):
-    try:
-        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:  # never creates it
-            return conn.execute("SELECT count(*) FROM castor_workers").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def test_castor_copied_alone_into_a_project(tmp_path):
-    app = tmp_path / "app"
-    _copy_example("quickstart", app)
-    shutil.copy(os.path.join(ROOT, "castor.py"), app / "castor.py")
-    with open(app / "main.py", "a") as fh:
-        fh.write("\n@manager.task(mode='process')\ndef where():\n"
-                 "    import castor\n    return castor.__file__\n")
-    env = dict(os.environ, PYTHONPATH="")
-    worker = subprocess.Popen([sys.executable, "-m", "castor", "--workers", "1", "main:manager"],
-                              cwd=app, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        # The app starts once the worker has made the file, as in the README.
-        wait_for(lambda: worker.poll() is not None or _registered(app / "tasks.db"),
-                 timeout=60, what="the worker up")
-        script = ("import castor, main; assert castor.__file__.startswith(%r), castor.__file__;"
-                  "print(main.where.delay().join(timeout=60))" % str(app))
-        done = subprocess.run([sys.executable, "-c", script], cwd=app, env=env,
-                              capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == str(app / "castor.py")
-    finally:
-        worker.send_signal(signal.SIGINT)
-        _, err = worker.communicate(timeout=30)
-    assert worker.returncode == 0, err
-
-
-# Reliability: kill -9, signals, faults ########################################
-
-POISON = '''
 @manager.task(mode="thread")
-def poison():
-    mark("poison")
-    os.kill(os.getpid(), 9)  # takes its worker down with it, every time
+def raises_unprintable():
+    raise Unprintable()
 '''
 
 
-def _doc(project, handle):
-    return project.manager.get_task_by_id(handle.id).info()
-
-
-def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
-    handles = project.mod.sleepy.map([(0.05, f"t{i}") for i in range(300)])
-    worker = project.start("--workers", "1", "--threads", "4")
-    wait_for(lambda: len(project.runs()) > 100, what="drain under way")
-    kids = children_of(worker.pid)
-    worker.kill()  # kill -9, pool children too
-    for kid in kids:
-        os.kill(kid, signal.SIGKILL)
-    worker.wait()
-    # Running in the store: started, or claimed and waiting for a free thread.
-    interrupted = [h for h in handles if h.status() == "running"]
-    assert interrupted, "the kill should have caught some tasks running"
-    begun = collections.Counter(project.labels())
-    project.start("--workers", "1", "--threads", "4")
-    for handle in handles:
-        assert handle.join(timeout=60) == 0.05
-    starts = collections.Counter(label for label in project.labels() if label.endswith(":start"))
-    ends = collections.Counter(label for label in project.labels() if label.endswith(":end"))
-    assert set(ends) == {f"t{i}:end" for i in range(300)}
-    rerun = 0
-    for handle in interrupted:
-        label = handle.info()["args"][1] + ":start"
-        assert starts[label] == begun[label] + 1  # ran (again), exactly once more
-        assert handle.info()["losses"] == 1 and handle.info()["attempts"] == 1
-        rerun += begun[label]
-    assert sum(starts.values()) == 300 + rerun and rerun > 0
-
-
-def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
-    first = project.start("--workers", "1")
-    handle = project.mod.sleepy.delay(5.0, "moved")  # long enough to outlast a start-up
-    wait_for(lambda: handle.status() == "running", what="task running")
-    second = project.start("--workers", "1")
-    assert handle.status() == "running" and handle.info()["worker"].split(":")[1] == str(
-        first.pid)
-    first.kill()
-    first.wait()
-    killed_at = time.monotonic()
-    assert handle.join(timeout=30) == 5.0
-    assert time.monotonic() - killed_at < 15 + 5.0
-    doc = handle.info()
-    assert doc["losses"] == 1 and doc["worker"].split(":")[1] == str(second.pid)
-    assert project.labels().count("moved:start") == 2
-
-
-def test_poison_task_fails_after_three_lost_workers(make_project):
-    proj = make_project(POISON)
-    handle = proj.mod.poison.delay()
-    for attempt in range(3):
-        worker = proj.start("--workers", "1", wait=False)
-        assert worker.wait(timeout=30) == -signal.SIGKILL
-    proj.start("--workers", "1")
-    with pytest.raises(TaskError, match="worker lost 3 times"):
+@pytest.mark.beaver_only
+def test_exception_that_cannot_print_still_fails_the_task(make_project):
+    proj = make_project(UNPRINTABLE_APP)
+    worker = proj.start("--workers", "1", "--threads", "1")
+    handle = proj.mod.raises_unprintable.delay()
+    with pytest.raises(proj.mod.Unprintable):
         handle.join(timeout=20)
-    assert proj.labels() == ["poison"] * 3
-    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3  # and the worker serves on
+    assert handle.info()["exception"]["message"] == "<unprintable Unprintable>"
+    assert proj.mod.add.delay(1, 1).join(timeout=20) == 2  # its one thread is back
+    assert proj.stop(worker)[0] == 0
 
 
-def test_losing_a_worker_does_not_use_up_retries(make_project):
+@pytest.mark.beaver_only
+def test_task_enqueued_as_process_but_registered_as_thread(make_project):
+    """A deploy changed a task's mode: the worker runs it in its own pool."""
     proj = make_project('''
-@manager.task(mode="thread", retries=1, retry_delay=0.1)
-def once_deadly():
-    mark("deadly")
-    if len(open(os.path.join(HERE, "runs.log")).readlines()) == 1:
-        os.kill(os.getpid(), 9)
-    raise ValueError("plain failure")
+@manager.task(mode=os.environ.get("CASTOR_TEST_MODE", "thread"))
+def switched():
+    return os.getpid()
 ''')
-    handle = proj.mod.once_deadly.delay()
-    worker = proj.start("--workers", "1", wait=False)
-    assert worker.wait(timeout=30) == -signal.SIGKILL
-    proj.start("--workers", "1")
-    with pytest.raises(ValueError, match="plain failure"):
-        handle.join(timeout=20)
-    doc = handle.info()
-    # one lost run, then both of its attempts (1 try + 1 retry) really ran
-    assert proj.labels() == ["deadly"] * 3 and doc["attempts"] == 2 and doc["losses"] == 1
-
-
-def _shutdown_scenario(project, send):
-    """Critical and daemon tasks, thread and process, running at shutdown."""
-    worker = project.start("--workers", "2", "--threads", "4", start_new_session=True)
-    mod = project.mod
-    crit_thread = mod.sleepy.delay(2.0, "ct")
-    crit_proc = mod.psleepy.delay(2.0, "cp")
-    daemon_thread = mod.dsleepy.delay(60)
-    daemon_proc = mod.pdsleepy.delay(60)
-    wait_for(lambda: {"ct:start", "cp:start", "pd:start"} <= set(project.labels())
-             and daemon_thread.status() == "running", what="all four running")
-    pool = children_of(worker.pid)
-    assert len(pool) == 2
-    send(worker)
-    worker.wait(timeout=30)
-    code, err = worker.returncode, project.output(worker)[1]
-    assert code == 0, err
-    assert crit_thread.join(timeout=1) == 2.0
-    assert crit_proc.join(timeout=1) in pool
-    for handle in (daemon_thread, daemon_proc):
-        with pytest.raises(TaskError, match="terminated at shutdown"):
-            handle.join(timeout=1)
-    assert "Traceback" not in err
-    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
-    assert set(project.labels()) >= {"ct:end", "cp:end"}
-
-
-def test_sigterm_to_main_process_waits_for_critical_and_kills_daemon(project):
-    _shutdown_scenario(project, lambda w: w.send_signal(signal.SIGTERM))
-
-
-def test_ctrl_c_to_the_process_group_spares_critical_process_task(project):
-    # A terminal sends SIGINT to the whole foreground process group.
-    _shutdown_scenario(project, lambda w: os.killpg(w.pid, signal.SIGINT))
-
-
-def test_second_signal_exits_at_once_and_gives_tasks_back(project):
-    worker = project.start("--workers", "1", "--threads", "2")
-    thread_task = project.mod.sleepy.delay(3, "slow")
-    proc_task = project.mod.psleepy.delay(3, "pslow")
-    wait_for(lambda: {"slow:start", "pslow:start"} <= set(project.labels()), what="both running")
-    pool = children_of(worker.pid)
-    worker.send_signal(signal.SIGINT)
-    wait_for(lambda: "Shutting down" in project.output(worker)[1], what="graceful stop begun")
-    worker.send_signal(signal.SIGINT)
-    started = time.monotonic()
-    worker.wait(timeout=10)
-    assert time.monotonic() - started < 3, "the second signal must not wait for tasks"
-    assert worker.returncode == 1
-    assert thread_task.status() == "pending" and proc_task.status() == "pending"
-    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
-    project.start("--workers", "1", "--threads", "2")
-    assert thread_task.join(timeout=20) == 3
-    assert proc_task.join(timeout=20)
-    assert project.labels().count("slow:start") == 2
-    assert thread_task.info()["losses"] == 0
-
-
-@pytest.mark.beaver_only
-def test_no_child_outlives_a_killed_worker(project):
-    worker = project.start("--workers", "2")
-    handle = project.mod.psleepy.delay(60)
-    wait_for(lambda: handle.status() == "running")
-    wait_for(lambda: len(children_of(worker.pid)) == 2, what="pool up")
-    pool = children_of(worker.pid)
-    worker.kill()  # only the worker: its children must notice and exit
-    worker.wait()
-    wait_for(lambda: not any(alive(p) for p in pool), timeout=10, what="orphans exit")
-
-
-@pytest.mark.beaver_only
-def test_process_that_kills_itself_fails_and_pool_recovers(project):
-    worker = project.start("--workers", "1")
-    with pytest.raises(TaskError, match=r"process died \(exit status 3\)"):
-        project.mod.suicide.delay().join(timeout=30)
-    assert project.mod.process_pid.delay().join(timeout=30) in children_of(worker.pid)
-    assert worker.poll() is None
-
-
-@pytest.mark.beaver_only
-def test_locked_database_makes_the_worker_wait_not_crash(project):
-    worker = project.start("--workers", "1")
-    handles = project.mod.add.map([(i, i) for i in range(5)])
-    for handle in handles:
-        handle.join(timeout=20)
-    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    locker.execute("INSERT INTO castor_stats VALUES ('lock-test', 0)")
-    queued = []
-    enqueuer = threading.Thread(target=lambda: queued.append(project.mod.add.delay(2, 2)))
-    enqueuer.start()  # waits on the lock too
-    time.sleep(4)  # the lock is the point here: hold it for several seconds
-    assert worker.poll() is None and not queued
-    locker.execute("ROLLBACK")
-    locker.close()
-    enqueuer.join(timeout=30)
-    assert queued[0].join(timeout=20) == 4
-    assert worker.poll() is None
-    assert "Traceback" not in project.output(worker)[1]
-
-
-@pytest.mark.beaver_only
-def test_garbage_document_fails_that_task_only(project):
-    mod = project.mod
-    good1, bad, weird, good2 = (mod.add.delay(1, 1), mod.add.delay(2, 2),
-                                mod.add.delay(3, 3), mod.add.delay(4, 4))
-    docs = mod.db.dict("castor_tasks")
-    docs[bad.id] = "garbage"
-    docs[weird.id] = dict(docs[weird.id], args="not-a-list")
-    project.start("--workers", "1")
-    assert good1.join(timeout=20) == 2 and good2.join(timeout=20) == 8
-    with pytest.raises(TaskError, match="corrupt"):
-        bad.join(timeout=20)
-    with pytest.raises(TaskError, match="bad args"):
-        weird.join(timeout=20)
-
-
-def test_restarting_a_worker_loses_nothing(project):
-    handles = project.mod.sleepy.map([(0.01, f"r{i}") for i in range(150)])
-    worker = project.start("--workers", "1", "--threads", "2")
-    wait_for(lambda: len(project.runs()) > 40, what="some done")
-    code, _, _ = project.stop(worker)
-    assert code == 0
-    assert any(h.status() == "pending" for h in handles)
-    project.start("--workers", "1", "--threads", "2")
-    for handle in handles:
-        handle.join(timeout=60)
-    starts = collections.Counter(l for l in project.labels() if l.endswith(":start"))
-    assert len(starts) == 150 and set(starts.values()) == {1}  # graceful: no rerun
-
-
-# Hardening: start-up, copies, logging, disk, payloads, files #################
-
-
-@pytest.mark.beaver_only
-def test_a_worker_survives_the_first_open_race(project):
-    """A brand-new file that another process is still setting up (it holds a
-    write lock before the switch to WAL): SQLite refuses beaver's switch at
-    once, whatever the busy timeout. The CLI retries the import instead."""
-    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
-    locker.execute("CREATE TABLE setup (x)")
-    locker.execute("BEGIN")
-    locker.execute("INSERT INTO setup VALUES (1)")  # a RESERVED lock, journal not WAL
-    worker = project.start("--workers", "1", wait=False)
+    os.environ["CASTOR_TEST_MODE"] = "process"
     try:
-        time.sleep(2)  # the lock is the point: the worker meets it while it starts
-        assert worker.poll() is None, project.output(worker)[1]
+        handle = proj.mod.switched.delay()
     finally:
-        locker.execute("COMMIT")
-        locker.close()
-    wait_for(lambda: project.worker_rows(worker.pid), what="the worker registered")
-    assert project.mod.add.delay(1, 2).join(timeout=20) == 3
-    code, _, err = project.stop(worker)
-    assert code == 0 and "Traceback" not in err
+        del os.environ["CASTOR_TEST_MODE"]
+    assert handle.info()["mode"] == "process"
+    worker = proj.start("--workers", "1")  # a thread-only worker: no process pool
+    assert handle.join(timeout=20) == worker.pid
+    assert proj.stop(worker)[0] == 0
 
 
 @pytest.mark.beaver_only
-def test_a_file_locked_for_too_long_ends_with_one_line(project):
-    locker = sqlite3.connect(project.path / "fresh.db", isolation_level=None)
-    locker.execute("CREATE TABLE setup (x)")
-    locker.execute("BEGIN")
-    locker.execute("INSERT INTO setup VALUES (1)")
-    with open(project.path / "fresh_app.py", "w") as fh:
-        fh.write("from beaver import BeaverDB\nfrom castor import Manager\n"
-                 "manager = Manager(BeaverDB('fresh.db'))\n")
-    script = ("import sys, castor; castor.OPEN_RETRY_TIMEOUT = 1.0; "
-              "sys.exit(castor.main(['fresh_app:manager']))")
+def test_pool_children_cannot_start_workers(project):
+    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import castor, "
+              f"{project.module} as m\n"
+              "try:\n    castor.Worker(m.manager).run()\n"
+              "except castor.CastorError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, CASTOR_POOL_CHILD="1"), timeout=60)
+    assert "refused:" in done.stdout and "__main__" in done.stdout, done.stderr
+    assert project.worker_rows() == 0
+
+
+def test_worker_inside_a_program_stops_cleanly(project):
+    others = children_of(os.getpid())  # a browser or a server of another test, maybe
+    worker = castor.Worker(project.manager, workers=1, threads=2)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
     try:
-        done = subprocess.run([sys.executable, "-c", script], cwd=project.path,
-                              capture_output=True, text=True, timeout=60)
+        assert project.mod.add.delay(2, 2).join(timeout=20) == 4
+        assert project.mod.process_pid.delay().join(timeout=60) != os.getpid()
     finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-    assert done.returncode == 1, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "database is locked" in lines[0] and "retries" in lines[0]
+        worker.stop()
+        runner.join(timeout=30)
+    assert not runner.is_alive() and worker.state == "Stopped"
+    assert project.worker_rows() == 0
+    wait_for(lambda: children_of(os.getpid()) <= others, timeout=10, what="no child left")
 
 
-VENDORED_APP = """
-import os
-from beaver import BeaverDB
-from pkg.vendor.castor import Manager
+# Retries, scheduling, periodic, timeouts, priorities #########################
 
-manager = Manager(BeaverDB(os.path.join(os.path.dirname(os.path.abspath(__file__)), "t.db")))
-
-
-@manager.task(mode="thread")
-def where_thread():
-    import pkg.vendor.castor as c
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [os.path.relpath(c.__file__, here), c.current_task().name]
-
-
-@manager.task(mode="process")
-def where_process():
-    import sys
-    return sorted(name for name in sys.modules if name.endswith("castor"))
-"""
-
-
-def test_castor_copied_inside_a_package(tmp_path):
-    vendor = tmp_path / "pkg" / "vendor"
-    vendor.mkdir(parents=True)
-    for init in (tmp_path / "pkg" / "__init__.py", vendor / "__init__.py"):
-        init.write_text("")
-    shutil.copy(os.path.join(ROOT, "castor.py"), vendor / "castor.py")
-    (tmp_path / "main.py").write_text(VENDORED_APP)
-    env = dict(os.environ, PYTHONPATH="")
-    worker = subprocess.Popen([sys.executable, "-m", "pkg.vendor.castor", "--workers", "1",
-                               "main:manager"], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        script = ("import main; print(main.where_thread.delay().join(timeout=60)); "
-                  "print(main.where_process.delay().join(timeout=60))")
-        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == ["['pkg/vendor/castor.py', 'main.where_thread']",
-                                            "['pkg.vendor.castor']"]
-    finally:
-        worker.send_signal(signal.SIGINT)
-        _, err = worker.communicate(timeout=30)
-    assert worker.returncode == 0, err
-    assert "Traceback" not in err
-
-
-LOGGING_APP = """
-import logging
-logging.basicConfig(filename=os.path.join(HERE, "app.log"), level=logging.INFO,
-                    format="%(name)s|%(funcName)s|%(lineno)d|%(threadName)s|%(message)s")
-app_log = logging.getLogger("app")
-
-
-@manager.task(mode="thread")
-def logs_a_line():
-    app_log.info("hello from a task")
-"""
-
-
-@pytest.mark.beaver_only
-def test_the_worker_leaves_the_apps_logging_alone(make_project):
-    proj = make_project(LOGGING_APP)
-    proj.start("--workers", "1", "--log-level", "warning")
-    proj.mod.logs_a_line.delay().join(timeout=20)
-    lines = (proj.path / "app.log").read_text().splitlines()
-    app_lines = [line.split("|") for line in lines if line.startswith("app|")]
-    assert len(app_lines) == 1
-    _, func, lineno, thread, message = app_lines[0]
-    assert (func, message) == ("logs_a_line", "hello from a task")
-    assert int(lineno) > 0 and thread.startswith("castor-thread-")
-    worker_err = proj.output(proj.workers[0])[1]
-    assert "INFO" not in worker_err  # --log-level warning: castor's info lines are off
-
-
-@pytest.mark.beaver_only
-def test_bad_log_level_is_a_usage_error(project):
-    done = run_cli("--log-level", "chatty", f"{project.module}:manager", cwd=project.path)
-    assert done.returncode == 2 and "invalid choice" in done.stderr
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MB file system (tmpfs), to fill up."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        reason = f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def fill(disk):
-    """Fill the file system; return the filler's path."""
-    filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        with contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-    return filler
-
-
-FULL_DISK_APP = """
-@manager.task(mode="thread")
-def big_result(n, gate):
-    while not os.path.exists(gate):
-        time.sleep(0.01)
-    return "r" * n
-"""
-
-
-def test_full_disk_delay_refuses_and_the_worker_keeps_results(small_disk, tmp_path):
-    proj = Project(small_disk, FULL_DISK_APP)
-    try:
-        worker = proj.start("--workers", "1", "--threads", "4")
-        gate = str(tmp_path / "gate")  # outside the full disk
-        handles = [proj.mod.big_result.delay(300_000, gate) for _ in range(3)]
-        wait_for(lambda: all(h.status() == "running" for h in handles), what="all running")
-        filler = fill(small_disk)
-        with pytest.raises(castor.StoreError, match="disk is full"):
-            proj.mod.big_result.delay(300_000, gate)
-        assert proj.manager.counts()["pending"] == 0  # nothing half-stored
-        open(gate, "w").close()
-        wait_for(lambda: "Store error" in proj.output(worker)[1], what="the worker to say so")
-        time.sleep(3)  # several more tries happen meanwhile, each one silent
-        err = proj.output(worker)[1]
-        assert err.count("Store error") == 1 and "disk is full" in err
-        assert worker.poll() is None and all(h.status() == "running" for h in handles)
-        os.remove(filler)
-        assert [len(h.join(timeout=30)) for h in handles] == [300_000] * 3
-        err = proj.output(worker)[1]
-        assert err.count("Store usable again") == 1 and "Traceback" not in err
-        assert proj.mod.add.delay(1, 1).join(timeout=20) == 2
-    finally:
-        proj.cleanup()
-
-
-def test_the_dashboard_shows_a_store_problem():
-    lines = dash._render(_view(problem="cannot write tasks.db: the disk is full"),
-                         dash._Layout(80, 24), False)
-    assert "Status: Store error, retrying" in lines[0]
-
-
-PAYLOAD_APP = """
-small = Manager(STORE or db, max_payload=2000)
-
-
-@small.task(mode="thread")
-def echo_small(x):
-    return x
-
-
-@small.task(mode="thread")
-def grow(n):
-    return "g" * n
-
-
-@small.task(mode="process")
-def pgrow(n):
-    return "p" * n
-"""
-
-
-def test_payload_limits(make_project):
-    proj = make_project(PAYLOAD_APP)
-    mod = proj.mod
-    with pytest.raises(castor.PayloadTooLarge, match=r"arguments of .*echo_small are 5,0\d\d "
-                       r"bytes of JSON, over the limit of 2,000"):
-        mod.echo_small.delay("x" * 5000)
-    assert proj.manager.counts()["pending"] == 0
-    with pytest.raises(castor.PayloadTooLarge, match="over the limit of 16,777,216"):
-        mod.add.delay("y" * 20_000_000, "")  # the default limit: 16 MiB
-    assert proj.manager.counts()["pending"] == 0
-    proj.start("--workers", "1", target=f"{proj.module}:small")
-    assert mod.echo_small.delay("ok").join(timeout=20) == "ok"
-    for task in (mod.grow, mod.pgrow):
-        with pytest.raises(castor.PayloadTooLarge, match="result of .* is 3,002 bytes"):
-            task.delay(3000).join(timeout=30)
-
-
-@pytest.mark.beaver_only
-def test_deleted_database_file_stops_the_worker(project):
-    worker = project.start("--workers", "1")
-    assert project.mod.add.delay(1, 1).join(timeout=20) == 2
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(project.path / f"tasks.db{suffix}")
-    assert worker.wait(timeout=15) == 1
-    err = project.output(worker)[1]
-    # "was deleted", or "was replaced" when the app (this process) made a new one meanwhile
-    assert "while this worker was using it; stopping" in err and "Traceback" not in err
-
-
-@pytest.mark.beaver_only
-def test_replaced_database_file_stops_the_worker(project):
-    worker = project.start("--workers", "1")
-    other = project.path / "other.db"
-    sqlite3.connect(other).close()
-    os.replace(other, project.path / "tasks.db")
-    assert worker.wait(timeout=15) == 1
-    assert "was replaced by another file" in project.output(worker)[1]
-
-
-def test_network_file_systems_are_recognised():
-    mounts = ("/dev/vda / ext4 rw 0 0\nsrv:/export /mnt/nfs nfs4 rw 0 0\n"
-              "tmpfs /mnt/nfs/local tmpfs rw 0 0\n//h/s /mnt/my\\040share cifs rw 0 0\n")
-    assert castor._network_fs("/mnt/nfs/app/tasks.db", mounts) == "nfs4"
-    assert castor._network_fs("/mnt/my share/tasks.db", mounts) == "cifs"
-    assert castor._network_fs("/mnt/nfs/local/tasks.db", mounts) is None  # nearest mount wins
-    assert castor._network_fs("/mnt/nfsx/tasks.db", mounts) is None
-    assert castor._network_fs("/home/tasks.db", mounts) is None
-
-
-# Retries, scheduling, periodic, cancel, timeouts, priorities ##################
 
 FEATURES = '''
 def _count_runs(label):
@@ -2174,7 +1648,7 @@ def stuck_process():
 
 @manager.task(mode="thread", timeout=0.3)
 def stuck_thread():
-    time.sleep(1.5)
+    time.sleep(6)
     mark("late")
     return "too late"
 
@@ -2233,7 +1707,7 @@ def test_schedule_runs_no_earlier_than_asked_and_promptly(project):
     for handle, wanted in ((later, 1.0), (at_handle, 1.5)):
         doc = handle.info()
         lag = castor._parse_iso(doc["started_at"]) - castor._parse_iso(doc["enqueued_at"])
-        assert wanted <= lag < wanted + 0.5, lag
+        assert wanted <= lag < wanted + 5, lag  # never early
     with pytest.raises(TypeError, match="aware"):
         mod.add.schedule((1, 1), at=datetime.datetime.now())
     with pytest.raises(TypeError, match="not both"):
@@ -2246,47 +1720,15 @@ def test_periodic_task_once_per_period_with_two_workers(make_project):
     proj = make_project(FEATURES)
     proj.start("--workers", "1")
     proj.start("--workers", "1")
-    wait_for(lambda: proj.labels().count("tick") >= 4, timeout=15, what="4 ticks")
+    wait_for(lambda: proj.labels().count("tick") >= 5, timeout=20, what="5 ticks")
     ticks = sorted(t for label, _, t in proj.runs() if label == "tick")
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert all(0.8 < gap < 1.3 for gap in gaps), gaps  # no duplicates, none missed
+    periods = ticks[-1] - ticks[0]  # seconds, with every=1.0
+    # One run a period, however many workers: none twice, none missed.
+    assert periods - 1 <= len(ticks) - 1 <= periods + 1, ticks
     docs = [d for d in proj.manager.tasks(limit=100) if d["task_name"].endswith(".tick")]
     assert len(docs) >= 4 and {d["status"] for d in docs} <= {"success", "running", "pending"}
     with pytest.raises(ValueError, match="no arguments"):
         proj.manager.task(mode="thread", every=5)(lambda x: x)
-
-
-def test_cancel_pending_running_and_finished(project):
-    mod = project.mod
-    pending = mod.record.delay("never")
-    assert pending.cancel() is True and pending.status() == "cancelled" and pending
-    with pytest.raises(TaskError, match="cancelled"):
-        pending.join(timeout=1)
-    project.start("--workers", "1")
-    running = mod.sleepy.delay(1.0, "busy")  # never looks at its cancelled flag
-    wait_for(lambda: running.status() == "running")
-    assert running.cancel() is True  # asked to stop: a thread task stops if it looks
-    assert running.join(timeout=20) == 1.0
-    assert running.cancel() is False  # finished
-    assert "never" not in project.labels()
-    assert project.manager.counts()["cancelled"] == 1
-
-
-def test_cancel_racing_claims(project):
-    handles = project.mod.sleepy.map([(0.01, f"c{i}") for i in range(300)])
-    project.start("--workers", "1", "--threads", "4")
-    wait_for(lambda: handles[0].status() != "pending", what="the first claim")
-    outcomes = [(h, h.cancel()) for h in handles]
-    wait_for(lambda: all(h for h in handles), what="all finished or cancelled")
-    ran = collections.Counter(project.labels())
-    statuses = collections.Counter(h.status() for h in handles)
-    assert statuses["cancelled"] and statuses["success"], statuses
-    for handle, cancelled in outcomes:
-        label = handle.info()["args"][1] + ":start"
-        if handle.status() == "cancelled":  # cancelled before a worker took it
-            assert cancelled and ran[label] == 0
-        else:  # ran once (a cancel that came while it ran is only a request)
-            assert handle.status() == "success" and ran[label] == 1
 
 
 @pytest.mark.beaver_only
@@ -2307,10 +1749,9 @@ def test_thread_timeout_fails_and_discards_the_late_result(make_project):
     proj = make_project(FEATURES)
     proj.start("--workers", "1", "--threads", "2")
     handle = proj.mod.stuck_thread.delay()
-    started = time.monotonic()
     with pytest.raises(TimeoutError, match="timeout of 0.3s"):
         handle.join(timeout=20)
-    assert time.monotonic() - started < 1.4
+    assert "late" not in proj.labels()  # failed at its timeout, not when it returned
     wait_for(lambda: "late" in proj.labels(), what="the thread to finish anyway")
     assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
     assert handle.status() == "failed" and handle.info()["result"] is None
@@ -2370,362 +1811,67 @@ def test_tasks_counts_and_prune(project):
         done[0].status()
 
 
-# PostgreSQL: several hosts, outages, credentials ##############################
-#
-# Workers on other hosts (network namespaces) share one queue on the test
-# server. After a kill -9, a cut link or a server restart in the middle of a
-# drain, every task is recorded exactly once, none is lost, none is left
-# running.
-
-HOSTS_APP = """
-@manager.task(mode="thread")
-def work(i, seconds):
-    mark(f"w{i}")
-    time.sleep(seconds)
-    return [i, os.environ.get("CASTOR_TEST_HOST", "here")]
-"""
+def test_scheduled_task_claimed_with_a_ready_one_still_runs_on_time(project):
+    worker = project.start("--workers", "1")
+    mod = project.mod
+    for _ in range(3):
+        later = mod.add.schedule((1, 1), delay=0.8)
+        now = mod.add.delay(2, 2)  # seen in the same look as the scheduled one
+        assert now.join(timeout=10) == 4
+        assert later.join(timeout=5) == 2
+        doc = later.info()
+        lag = castor._parse_iso(doc["started_at"]) - castor._parse_iso(doc["enqueued_at"])
+        assert 0.8 <= lag < 0.8 + 5, lag  # never early (promptness: test_claim_gate_...)
+    assert worker.poll() is None
 
 
-@pytest.fixture
-def pg_project(tmp_path, pg_server):
-    """A project on a fresh PostgreSQL database, and the database's name."""
-    name, _ = pg_server.create_database()
-    proj = Project(tmp_path, HOSTS_APP, store=pg_server.url(name))
-    yield proj, name
-    proj.cleanup()
-    pg_server.drop_database(name)
+def test_claim_gate_looks_again_when_a_scheduled_task_falls_due():
+    """The decision behind prompt scheduled tasks, with the clock passed in."""
+    class Pool:  # what the gate reads of a pool
+        sweep_only = False
+
+        def free(self):
+            return 2
+
+        def idle_slots(self):
+            return 2
+
+    class Store:  # what the gate reads of a store: nobody else commits here
+        def version(self):
+            return 7
+    gate, pools, store = castor._ClaimGate(), {"thread": Pool()}, Store()
+    assert gate.wants(pools, store, 100.0, sweep=False) == {"thread": (2, 2)}  # a first look
+    short = castor._Exchange()
+    short.idle["thread"] = 100.8  # the claim came back short; the next task is due then
+    gate.update({"thread": (2, 2)}, short)
+    assert gate.wants(pools, store, 100.5, sweep=False) == {}  # nothing new, nothing due
+    assert gate.wake_at(pools) == 100.8  # the worker sleeps until then...
+    assert gate.wants(pools, store, 100.8, sweep=False) == {"thread": (2, 2)}  # ...and looks
+    assert gate.wants(pools, store, 100.9, sweep=True) == {"thread": (2, 2)}  # a sweep looks
 
 
-@pytest.fixture
-def two_hosts(pg_server, pg_project):
-    """Two network namespaces reaching the server, or None (and a warning)
-    where they cannot be made: workers then run here, as distinct workers."""
-    try:
-        hosts = Hosts(2, pg_server).__enter__()
-    except Unavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must be able to make network namespaces: {exc}")
-        warnings.warn(f"no network namespaces ({exc}): the hosts are local processes")
-        yield None
-        return
-    yield hosts
-    hosts.close()
-
-
-def start_on(proj, hosts, i, *flags, name=None):
-    """A worker on host ``i`` (a namespace, or this machine without hosts)."""
-    if hosts is None:
-        env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}")
-        return proj.start(*flags, env=env)
-    env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}", CASTOR_TEST_STORE=hosts[i].url(name))
-    return proj.start(*flags, host=hosts[i], env=env)
-
-
-def assert_each_recorded_once(proj, handles):
-    """Every task succeeded with its own result; nothing pending or running."""
-    for i, handle in enumerate(handles):
-        assert handle.join(timeout=90)[0] == i
-    counts = proj.manager.counts()
-    assert counts["success"] == len(handles) and counts["pending"] == counts["running"] == 0
-    assert collections.Counter(proj.labels()).keys() == {f"w{i}" for i in range(len(handles))}
-
-
-def test_kill_9_one_hosts_worker_mid_drain(pg_project, two_hosts):
-    proj, name = pg_project
-    handles = proj.mod.work.map([(i, 0.05) for i in range(200)])
-    first = start_on(proj, two_hosts, 0, "--threads", "4", name=name)
-    start_on(proj, two_hosts, 1, "--threads", "4", name=name)
-    wait_for(lambda: len(proj.runs()) > 40, what="the drain under way")
-    first.kill()
-    first.wait()
-    assert_each_recorded_once(proj, handles)
-    again = [label for label, n in collections.Counter(proj.labels()).items() if n > 1]
-    assert all(proj.manager.get_task_by_id(handles[int(label[1:])].id).info()["losses"] == 1
-               for label in again)
-
-
-def test_a_cut_host_loses_its_tasks_and_its_late_results_are_refused(pg_project, two_hosts):
-    proj, name = pg_project
-    first = start_on(proj, two_hosts, 0, "--threads", "2", name=name)
-    handles = proj.mod.work.map([(i, 4.0) for i in range(2)])
-    wait_for(lambda: all(h.status() == "running" for h in handles), what="host 0 running both")
-    start_on(proj, two_hosts, 1, "--threads", "2", name=name)
-    if two_hosts is None:
-        first.send_signal(signal.SIGSTOP)  # frozen: no heartbeat, as if cut off
-    else:
-        two_hosts[0].cut()
-    cut_at = time.monotonic()
-    try:
-        # Host 1 takes both over once host 0's lease has expired, within 15 s.
-        wait_for(lambda: proj.labels().count("w0") == 2 and proj.labels().count("w1") == 2,
-                 timeout=30, what="host 1 running both again")
-        assert time.monotonic() - cut_at < 15 + 2
-        assert [h.join(timeout=30) for h in handles] == [[0, "host1"], [1, "host1"]]
-    finally:
-        if two_hosts is None:
-            first.send_signal(signal.SIGCONT)
-        else:
-            two_hosts[0].restore()
-    # Host 0 comes back with its own results: refused, and said so.
-    wait_for(lambda: proj.output(first)[1].count("lease was lost") == 2, timeout=60,
-             what="host 0's late results refused")
-    assert [h.info()["result"] for h in handles] == [[0, "host1"], [1, "host1"]]
-    assert proj.manager.counts()["success"] == 2 and first.poll() is None
-
-
-def test_server_restart_mid_drain(pg_project, pg_server, two_hosts):
-    if not pg_server.can_restart:
-        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be restarted by the tests")
-    proj, name = pg_project
-    handles = proj.mod.work.map([(i, 0.01) for i in range(400)])
-    workers = [start_on(proj, two_hosts, i, "--threads", "4", name=name) for i in range(2)]
-    wait_for(lambda: len(proj.runs()) > 60, what="the drain under way")
-    pg_server.restart(immediate=True)
-    assert_each_recorded_once(proj, handles)
-    for worker in workers:
-        err = proj.output(worker)[1]
-        assert worker.poll() is None and "Traceback" not in err
-
-
-def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_server):
-    if not pg_server.can_restart:
-        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be stopped by the tests")
-    proj, _ = pg_project
-    assert proj.mod.add.delay(1, 1).id  # connected once
-    pg_server.stop("immediate")
-    try:
-        started = time.monotonic()
-        with pytest.raises(castor.StoreError, match="PostgreSQL at postgresql://castor@") as info:
-            proj.mod.add.delay(2, 2)
-        waited = time.monotonic() - started  # it waited for the server, boundedly
-        assert castor.PG_OUTAGE_WAIT / 2 <= waited < castor.PG_OUTAGE_WAIT + 10
-        assert pg_server.password not in str(info.value)
-    finally:
-        pg_server.start_again()
-    assert proj.manager.counts()["pending"] == 1  # the task that failed was never stored
-    proj.start("--workers", "1")
-    assert proj.mod.add.delay(3, 3).join(timeout=20) == 6
-
-
-def test_credentials_never_show(pg_project, pg_server, tmp_path):
-    proj, _ = pg_project
-    password = pg_server.password
-    assert password in proj.store
-    manager = proj.manager
-    assert password not in repr(manager) and password not in manager.path
-    worker = proj.start("--workers", "1", "-i")  # not a terminal: plain logs, with the store
-    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
-    stats = run_cli("stats", f"{proj.module}:manager", cwd=proj.path)
-    wrong = Manager(proj.store.replace(password, password + "-wrong"))
-    with pytest.raises(castor.StoreError) as info:
-        wrong.counts()
-    with pytest.raises(TypeError) as bad:
-        Manager(f"host=127.0.0.1 password={password}")  # not a URL: refused, not echoed
-    _, err = proj.output(worker)[0], proj.stop(worker)[2]
-    for text in (err, stats.stdout, stats.stderr, str(info.value), str(bad.value)):
-        assert password not in text
-    assert "postgresql://castor@127.0.0.1" in err
-
-
-def test_a_worker_holds_a_few_connections(pg_project, pg_server):
-    proj, name = pg_project
-    worker = proj.start("--workers", "1", "--threads", "8")
-    handles = proj.mod.work.map([(i, 0.01) for i in range(300)])
-    peak = 0
-    with pg_server.admin_connect() as conn:
-        while not all(h.status() == "success" for h in handles[-5:]):
-            (n,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
-                                "application_name = 'castor' AND pid <> pg_backend_pid() AND "
-                                "client_port IS NOT NULL", (name,)).fetchone()
-            peak = max(peak, n)
-    assert_each_recorded_once(proj, handles)
-    # The worker: the pool (up to 3, busy at most one here) and its listener;
-    # this test's own producer connection; the process pool's children: none.
-    assert 2 <= peak <= 1 + castor.PG_POOL_SIZE + 1
-    assert proj.stop(worker)[0] == 0
-
-
-# Async tasks ##################################################################
-
-ASYNC_APP = """
-import asyncio
-
-
-@manager.task(mode="async")
-async def aadd(a, b):
-    await asyncio.sleep(0)
-    return a + b
-
-
-@manager.task(mode="async")
-async def rendezvous(i, n, where):
-    # Arrive, then wait until all n have arrived: only works if n run at once.
-    open(os.path.join(where, str(i)), "w").close()
-    while len(os.listdir(where)) < n:
-        await asyncio.sleep(0.01)
-    return i
-
-
-@manager.task(mode="async", timeout=0.3)
-async def too_slow():
-    try:
-        await asyncio.sleep(30)
-        mark("never")
-    finally:
-        mark("cleaned up")
-
-
-@manager.task(mode="async")
-async def asleepy(seconds, label):
-    mark(label + ":start")
-    await asyncio.sleep(seconds)
-    mark(label + ":end")
-    return seconds
-
-
-@manager.task(mode="async", daemon=True)
-async def adaemon(seconds):
-    mark("ad:start")
-    await asyncio.sleep(seconds)
-    mark("ad:end")
-
-
-@manager.task(mode="async")
-async def blocks_the_loop(seconds):
-    time.sleep(seconds)  # a blocking call in a coroutine: a bug castor must survive
-    return "blocked"
-
-
-@manager.task(mode="async", retries=1, retry_delay=0.1)
-async def afails():
-    mark("afails")
-    raise LookupError("async failure")
-
-
-@manager.task(mode="async")
-async def whoami():
-    import castor
-    ctx = castor.current_task()
-    return [ctx.id, ctx.name, ctx.attempt]
-"""
-
-
-def test_async_tasks_run_many_at_once(make_project, tmp_path):
-    proj = make_project(ASYNC_APP)
-    where = tmp_path / "arrived"
-    where.mkdir()
-    proj.start("--workers", "1", "--async-tasks", "250")
-    handles = proj.mod.rendezvous.map([(i, 200, str(where)) for i in range(200)])
-    assert sorted(h.join(timeout=60) for h in handles) == list(range(200))
-    assert proj.mod.aadd.delay(2, 3).join(timeout=20) == 5
-
-
-def test_async_errors_retries_and_context(make_project):
-    proj = make_project(ASYNC_APP)
-    proj.start("--workers", "1")
-    with pytest.raises(LookupError, match="async failure"):
-        proj.mod.afails.delay().join(timeout=20)
-    assert proj.labels() == ["afails", "afails"]
-    handle = proj.mod.whoami.delay()
-    assert handle.join(timeout=20) == [handle.id, f"{proj.module}.whoami", 1]
-
-
-def test_async_timeout_cancels_the_coroutine(make_project):
-    proj = make_project(ASYNC_APP)
-    proj.start("--workers", "1")
-    with pytest.raises(TimeoutError, match="timeout of 0.3s"):
-        proj.mod.too_slow.delay().join(timeout=20)
-    wait_for(lambda: "cleaned up" in proj.labels(), what="the coroutine's finally block")
-    assert "never" not in proj.labels()
-
-
-def test_async_shutdown_waits_for_critical_and_cancels_daemon(make_project):
-    proj = make_project(ASYNC_APP)
-    worker = proj.start("--workers", "1")
-    critical = proj.mod.asleepy.delay(1.5, "ac")
-    daemon = proj.mod.adaemon.delay(60)
-    wait_for(lambda: {"ac:start", "ad:start"} <= set(proj.labels()), what="both running")
-    code, _, err = proj.stop(worker, signal.SIGTERM)
-    assert code == 0, err
-    assert critical.join(timeout=1) == 1.5
-    with pytest.raises(TaskError, match="cancelled at shutdown"):
-        daemon.join(timeout=1)
-    assert "ad:end" not in proj.labels()
-
-
-def test_async_second_signal_gives_back_and_kill_9_recovers(make_project):
-    proj = make_project(ASYNC_APP)
-    worker = proj.start("--workers", "1")
-    handle = proj.mod.asleepy.delay(3, "as")
-    wait_for(lambda: "as:start" in proj.labels(), what="running")
-    worker.send_signal(signal.SIGINT)
-    wait_for(lambda: "Shutting down" in proj.output(worker)[1], what="graceful stop begun")
-    worker.send_signal(signal.SIGINT)
-    assert worker.wait(timeout=10) == 1
-    assert handle.status() == "pending"
-    killed = proj.start("--workers", "1")
-    wait_for(lambda: proj.labels().count("as:start") == 2, what="running again")
-    killed.kill()
-    killed.wait()
-    proj.start("--workers", "1")
-    assert handle.join(timeout=30) == 3
-    assert proj.labels().count("as:start") == 3 and handle.info()["losses"] == 1
-
-
-def test_a_blocking_coroutine_does_not_stall_the_worker(make_project):
-    proj = make_project(ASYNC_APP)
-    worker = proj.start("--workers", "1", "--threads", "2")
-    blocked = proj.mod.blocks_the_loop.delay(4)
-    wait_for(lambda: blocked.status() == "running", what="the blocking task")
-    # Meanwhile thread tasks run and the worker keeps beating.
-    assert proj.mod.add.delay(1, 1).join(timeout=10) == 2
-    wait_for(lambda: "blocked for" in proj.output(worker)[1], timeout=10, what="the warning")
-    assert all(w["age"] < 2.5 for w in proj.manager.workers())
-    assert blocked.join(timeout=20) == "blocked"
-    err = proj.output(worker)[1]
-    assert "blocks_the_loop" in err and blocked.id[:8] in err
+SPAWNS_APP = '''
+@manager.task(mode="process", timeout=1.0)
+def spawns_and_hangs():
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mark(str(child.pid))
+    time.sleep(60)
+'''
 
 
 @pytest.mark.beaver_only
-def test_async_decoration_errors(project):
-    manager = project.manager
-
-    async def coro():
-        pass
-
-    def plain():
-        pass
-    for mode in ("thread", "process"):
-        with pytest.raises(TypeError, match="mode='async'"):
-            manager.task(mode=mode)(coro)
-    with pytest.raises(TypeError, match="use mode='thread' or mode='process'"):
-        manager.task(mode="async")(plain)
-    task = manager.task(mode="async")(coro)
-    called = task()  # a direct call gives the coroutine, as the function would
-    assert asyncio.iscoroutine(called)
-    called.close()
+def test_timeout_kills_what_the_process_task_started(make_project):
+    proj = make_project(SPAWNS_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(TimeoutError):
+        proj.mod.spawns_and_hangs.delay().join(timeout=30)
+    grandchild = int(proj.labels()[0])
+    wait_for(lambda: not alive(grandchild), timeout=5, what="the grandchild gone")
 
 
-def test_immediate_mode_runs_async_tasks_from_sync_and_async_callers(tmp_path):
-    db = BeaverDB(str(tmp_path / "im.db"))
-    try:
-        manager = Manager(db, immediate=True)
+# Operating castor: re-drive, cancel, progress, cron, unique, limits ##########
 
-        @manager.task(mode="async")
-        async def double(x):
-            await asyncio.sleep(0.01)
-            return 2 * x
-
-        assert double.delay(21).join() == 42  # from plain code: asyncio.run
-
-        async def handler():  # as in a FastAPI handler: a loop is running here
-            return double.delay(5).join(), await double.delay(6).resolve()
-        assert asyncio.run(handler()) == (10, 12)
-    finally:
-        db.close()
-
-
-# Operating castor: re-drive, cancel, progress, cron, unique, limits ###########
 
 OPS_APP = """
 import asyncio
@@ -3019,6 +2165,1104 @@ def test_cron_and_every_options_are_checked(project):
         task(mode="thread", tz="UTC")
     with pytest.raises(ValueError, match="no arguments"):
         task(mode="thread", cron="@daily")(lambda x: x)
+
+
+def test_cancel_pending_running_and_finished(project):
+    mod = project.mod
+    pending = mod.record.delay("never")
+    assert pending.cancel() is True and pending.status() == "cancelled" and pending
+    with pytest.raises(TaskError, match="cancelled"):
+        pending.join(timeout=1)
+    project.start("--workers", "1")
+    running = mod.sleepy.delay(1.0, "busy")  # never looks at its cancelled flag
+    wait_for(lambda: running.status() == "running")
+    assert running.cancel() is True  # asked to stop: a thread task stops if it looks
+    assert running.join(timeout=20) == 1.0
+    assert running.cancel() is False  # finished
+    assert "never" not in project.labels()
+    assert project.manager.counts()["cancelled"] == 1
+
+
+def test_cancel_racing_claims(project):
+    handles = project.mod.sleepy.map([(0.01, f"c{i}") for i in range(300)])
+    project.start("--workers", "1", "--threads", "4")
+    wait_for(lambda: handles[0].status() != "pending", what="the first claim")
+    outcomes = [(h, h.cancel()) for h in handles]
+    wait_for(lambda: all(h for h in handles), what="all finished or cancelled")
+    ran = collections.Counter(project.labels())
+    statuses = collections.Counter(h.status() for h in handles)
+    assert statuses["cancelled"] and statuses["success"], statuses
+    for handle, cancelled in outcomes:
+        label = handle.info()["args"][1] + ":start"
+        if handle.status() == "cancelled":  # cancelled before a worker took it
+            assert cancelled and ran[label] == 0
+        else:  # ran once (a cancel that came while it ran is only a request)
+            assert handle.status() == "success" and ran[label] == 1
+
+
+# Async tasks ##################################################################
+
+
+ASYNC_APP = """
+import asyncio
+
+
+@manager.task(mode="async")
+async def aadd(a, b):
+    await asyncio.sleep(0)
+    return a + b
+
+
+@manager.task(mode="async")
+async def rendezvous(i, n, where):
+    # Arrive, then wait until all n have arrived: only works if n run at once.
+    open(os.path.join(where, str(i)), "w").close()
+    while len(os.listdir(where)) < n:
+        await asyncio.sleep(0.01)
+    return i
+
+
+@manager.task(mode="async", timeout=0.3)
+async def too_slow():
+    try:
+        await asyncio.sleep(30)
+        mark("never")
+    finally:
+        mark("cleaned up")
+
+
+@manager.task(mode="async")
+async def asleepy(seconds, label):
+    mark(label + ":start")
+    await asyncio.sleep(seconds)
+    mark(label + ":end")
+    return seconds
+
+
+@manager.task(mode="async", daemon=True)
+async def adaemon(seconds):
+    mark("ad:start")
+    await asyncio.sleep(seconds)
+    mark("ad:end")
+
+
+@manager.task(mode="async")
+async def blocks_the_loop(seconds):
+    time.sleep(seconds)  # a blocking call in a coroutine: a bug castor must survive
+    return "blocked"
+
+
+@manager.task(mode="async", retries=1, retry_delay=0.1)
+async def afails():
+    mark("afails")
+    raise LookupError("async failure")
+
+
+@manager.task(mode="async")
+async def whoami():
+    import castor
+    ctx = castor.current_task()
+    return [ctx.id, ctx.name, ctx.attempt]
+"""
+
+
+def test_async_tasks_run_many_at_once(make_project, tmp_path):
+    proj = make_project(ASYNC_APP)
+    where = tmp_path / "arrived"
+    where.mkdir()
+    proj.start("--workers", "1", "--async-tasks", "250")
+    handles = proj.mod.rendezvous.map([(i, 200, str(where)) for i in range(200)])
+    assert sorted(h.join(timeout=60) for h in handles) == list(range(200))
+    assert proj.mod.aadd.delay(2, 3).join(timeout=20) == 5
+
+
+def test_async_errors_retries_and_context(make_project):
+    proj = make_project(ASYNC_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(LookupError, match="async failure"):
+        proj.mod.afails.delay().join(timeout=20)
+    assert proj.labels() == ["afails", "afails"]
+    handle = proj.mod.whoami.delay()
+    assert handle.join(timeout=20) == [handle.id, f"{proj.module}.whoami", 1]
+
+
+def test_async_timeout_cancels_the_coroutine(make_project):
+    proj = make_project(ASYNC_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(TimeoutError, match="timeout of 0.3s"):
+        proj.mod.too_slow.delay().join(timeout=20)
+    wait_for(lambda: "cleaned up" in proj.labels(), what="the coroutine's finally block")
+    assert "never" not in proj.labels()
+
+
+def test_async_shutdown_waits_for_critical_and_cancels_daemon(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1")
+    critical = proj.mod.asleepy.delay(1.5, "ac")
+    daemon = proj.mod.adaemon.delay(60)
+    wait_for(lambda: {"ac:start", "ad:start"} <= set(proj.labels()), what="both running")
+    code, _, err = proj.stop(worker, signal.SIGTERM)
+    assert code == 0, err
+    assert critical.join(timeout=1) == 1.5
+    with pytest.raises(TaskError, match="cancelled at shutdown"):
+        daemon.join(timeout=1)
+    assert "ad:end" not in proj.labels()
+
+
+def test_async_second_signal_gives_back_and_kill_9_recovers(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1")
+    handle = proj.mod.asleepy.delay(3, "as")
+    wait_for(lambda: "as:start" in proj.labels(), what="running")
+    worker.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in proj.output(worker)[1], what="graceful stop begun")
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 1
+    assert handle.status() == "pending"
+    killed = proj.start("--workers", "1")
+    wait_for(lambda: proj.labels().count("as:start") == 2, what="running again")
+    killed.kill()
+    killed.wait()
+    proj.start("--workers", "1")
+    assert handle.join(timeout=30) == 3
+    assert proj.labels().count("as:start") == 3 and handle.info()["losses"] == 1
+
+
+def test_a_blocking_coroutine_does_not_stall_the_worker(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1", "--threads", "2")
+    blocked = proj.mod.blocks_the_loop.delay(6)
+    wait_for(lambda: blocked.status() == "running", what="the blocking task")
+    (beat,) = [w["beat"] for w in proj.manager.workers()]
+    # Meanwhile thread tasks run and the worker keeps beating.
+    assert proj.mod.add.delay(1, 1).join(timeout=10) == 2
+    wait_for(lambda: "blocked for" in proj.output(worker)[1], timeout=10, what="the warning")
+    wait_for(lambda: [w["beat"] for w in proj.manager.workers()][0] >= beat + 2,
+             what="two more heartbeats")
+    assert blocked.status() == "running"  # the loop is still blocked: beats went on anyway
+    assert blocked.join(timeout=20) == "blocked"
+    err = proj.output(worker)[1]
+    assert "blocks_the_loop" in err and blocked.id[:8] in err
+
+
+@pytest.mark.beaver_only
+def test_async_decoration_errors(project):
+    manager = project.manager
+
+    async def coro():
+        pass
+
+    def plain():
+        pass
+    for mode in ("thread", "process"):
+        with pytest.raises(TypeError, match="mode='async'"):
+            manager.task(mode=mode)(coro)
+    with pytest.raises(TypeError, match="use mode='thread' or mode='process'"):
+        manager.task(mode="async")(plain)
+    task = manager.task(mode="async")(coro)
+    called = task()  # a direct call gives the coroutine, as the function would
+    assert asyncio.iscoroutine(called)
+    called.close()
+
+
+def test_immediate_mode_runs_async_tasks_from_sync_and_async_callers(tmp_path):
+    db = BeaverDB(str(tmp_path / "im.db"))
+    try:
+        manager = Manager(db, immediate=True)
+
+        @manager.task(mode="async")
+        async def double(x):
+            await asyncio.sleep(0.01)
+            return 2 * x
+
+        assert double.delay(21).join() == 42  # from plain code: asyncio.run
+
+        async def handler():  # as in a FastAPI handler: a loop is running here
+            return double.delay(5).join(), await double.delay(6).resolve()
+        assert asyncio.run(handler()) == (10, 12)
+    finally:
+        db.close()
+
+
+# Reliability: kill -9, signals, leases #######################################
+
+
+POISON = '''
+@manager.task(mode="thread")
+def poison():
+    mark("poison")
+    os.kill(os.getpid(), 9)  # takes its worker down with it, every time
+'''
+
+
+def _doc(project, handle):
+    return project.manager.get_task_by_id(handle.id).info()
+
+
+def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
+    handles = project.mod.sleepy.map([(0.05, f"t{i}") for i in range(300)])
+    worker = project.start("--workers", "1", "--threads", "4")
+    wait_for(lambda: len(project.runs()) > 100, what="drain under way")
+    kids = children_of(worker.pid)
+    worker.kill()  # kill -9, pool children too
+    for kid in kids:
+        os.kill(kid, signal.SIGKILL)
+    worker.wait()
+    # Running in the store: started, or claimed and waiting for a free thread.
+    interrupted = [h for h in handles if h.status() == "running"]
+    assert interrupted, "the kill should have caught some tasks running"
+    begun = collections.Counter(project.labels())
+    project.start("--workers", "1", "--threads", "4")
+    for handle in handles:
+        assert handle.join(timeout=60) == 0.05
+    starts = collections.Counter(label for label in project.labels() if label.endswith(":start"))
+    ends = collections.Counter(label for label in project.labels() if label.endswith(":end"))
+    assert set(ends) == {f"t{i}:end" for i in range(300)}
+    rerun = 0
+    for handle in interrupted:
+        label = handle.info()["args"][1] + ":start"
+        assert starts[label] == begun[label] + 1  # ran (again), exactly once more
+        assert handle.info()["losses"] == 1 and handle.info()["attempts"] == 1
+        rerun += begun[label]
+    assert sum(starts.values()) == 300 + rerun and rerun > 0
+
+
+def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
+    first = project.start("--workers", "1")
+    handle = project.mod.sleepy.delay(5.0, "moved")  # long enough to outlast a start-up
+    wait_for(lambda: handle.status() == "running", what="task running")
+    second = project.start("--workers", "1")
+    assert handle.status() == "running" and handle.info()["worker"].split(":")[1] == str(
+        first.pid)
+    first.kill()
+    first.wait()
+    killed_at = time.monotonic()
+    assert handle.join(timeout=30) == 5.0
+    assert time.monotonic() - killed_at < 15 + 5.0
+    doc = handle.info()
+    assert doc["losses"] == 1 and doc["worker"].split(":")[1] == str(second.pid)
+    assert project.labels().count("moved:start") == 2
+
+
+def test_poison_task_fails_after_three_lost_workers(make_project):
+    proj = make_project(POISON)
+    handle = proj.mod.poison.delay()
+    for attempt in range(3):
+        worker = proj.start("--workers", "1", wait=False)
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+    proj.start("--workers", "1")
+    with pytest.raises(TaskError, match="worker lost 3 times"):
+        handle.join(timeout=20)
+    assert proj.labels() == ["poison"] * 3
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3  # and the worker serves on
+
+
+def test_losing_a_worker_does_not_use_up_retries(make_project):
+    proj = make_project('''
+@manager.task(mode="thread", retries=1, retry_delay=0.1)
+def once_deadly():
+    mark("deadly")
+    if len(open(os.path.join(HERE, "runs.log")).readlines()) == 1:
+        os.kill(os.getpid(), 9)
+    raise ValueError("plain failure")
+''')
+    handle = proj.mod.once_deadly.delay()
+    worker = proj.start("--workers", "1", wait=False)
+    assert worker.wait(timeout=30) == -signal.SIGKILL
+    proj.start("--workers", "1")
+    with pytest.raises(ValueError, match="plain failure"):
+        handle.join(timeout=20)
+    doc = handle.info()
+    # one lost run, then both of its attempts (1 try + 1 retry) really ran
+    assert proj.labels() == ["deadly"] * 3 and doc["attempts"] == 2 and doc["losses"] == 1
+
+
+def _shutdown_scenario(project, send):
+    """Critical and daemon tasks, thread and process, running at shutdown."""
+    worker = project.start("--workers", "2", "--threads", "4", start_new_session=True)
+    mod = project.mod
+    crit_thread = mod.sleepy.delay(2.0, "ct")
+    crit_proc = mod.psleepy.delay(2.0, "cp")
+    daemon_thread = mod.dsleepy.delay(60)
+    daemon_proc = mod.pdsleepy.delay(60)
+    wait_for(lambda: {"ct:start", "cp:start", "pd:start"} <= set(project.labels())
+             and daemon_thread.status() == "running", what="all four running")
+    pool = children_of(worker.pid)
+    assert len(pool) == 2
+    send(worker)
+    worker.wait(timeout=30)
+    code, err = worker.returncode, project.output(worker)[1]
+    assert code == 0, err
+    assert crit_thread.join(timeout=1) == 2.0
+    assert crit_proc.join(timeout=1) in pool
+    for handle in (daemon_thread, daemon_proc):
+        with pytest.raises(TaskError, match="terminated at shutdown"):
+            handle.join(timeout=1)
+    assert "Traceback" not in err
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
+    assert set(project.labels()) >= {"ct:end", "cp:end"}
+
+
+def test_sigterm_to_main_process_waits_for_critical_and_kills_daemon(project):
+    _shutdown_scenario(project, lambda w: w.send_signal(signal.SIGTERM))
+
+
+def test_ctrl_c_to_the_process_group_spares_critical_process_task(project):
+    # A terminal sends SIGINT to the whole foreground process group.
+    _shutdown_scenario(project, lambda w: os.killpg(w.pid, signal.SIGINT))
+
+
+def test_second_signal_exits_at_once_and_gives_tasks_back(project, tmp_path):
+    worker = project.start("--workers", "1", "--threads", "2")
+    gate = str(tmp_path / "gate")  # the tasks run until it exists
+    thread_task = project.mod.gated.delay(gate, "slow")
+    proc_task = project.mod.pgated.delay(gate, "pslow")
+    wait_for(lambda: {"slow:start", "pslow:start"} <= set(project.labels()), what="both running")
+    pool = children_of(worker.pid)
+    worker.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in project.output(worker)[1], what="graceful stop begun")
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=20) == 1  # it did not wait for its tasks
+    assert thread_task.status() == "pending" and proc_task.status() == "pending"
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=5, what="children gone")
+    open(gate, "w").close()
+    project.start("--workers", "1", "--threads", "2")
+    assert thread_task.join(timeout=20) == "slow" and proc_task.join(timeout=20) == "pslow"
+    assert project.labels().count("slow:start") == 2
+    assert thread_task.info()["losses"] == 0
+
+
+@pytest.mark.beaver_only
+def test_no_child_outlives_a_killed_worker(project):
+    worker = project.start("--workers", "2")
+    handle = project.mod.psleepy.delay(60)
+    wait_for(lambda: handle.status() == "running")
+    wait_for(lambda: len(children_of(worker.pid)) == 2, what="pool up")
+    pool = children_of(worker.pid)
+    worker.kill()  # only the worker: its children must notice and exit
+    worker.wait()
+    wait_for(lambda: not any(alive(p) for p in pool), timeout=10, what="orphans exit")
+
+
+@pytest.mark.beaver_only
+def test_process_that_kills_itself_fails_and_pool_recovers(project):
+    worker = project.start("--workers", "1")
+    with pytest.raises(TaskError, match=r"process died \(exit status 3\)"):
+        project.mod.suicide.delay().join(timeout=30)
+    assert project.mod.process_pid.delay().join(timeout=30) in children_of(worker.pid)
+    assert worker.poll() is None
+
+
+def test_restarting_a_worker_loses_nothing(project):
+    handles = project.mod.sleepy.map([(0.01, f"r{i}") for i in range(150)])
+    worker = project.start("--workers", "1", "--threads", "2")
+    wait_for(lambda: len(project.runs()) > 40, what="some done")
+    code, _, _ = project.stop(worker)
+    assert code == 0
+    assert any(h.status() == "pending" for h in handles)
+    project.start("--workers", "1", "--threads", "2")
+    for handle in handles:
+        handle.join(timeout=60)
+    starts = collections.Counter(l for l in project.labels() if l.endswith(":start"))
+    assert len(starts) == 150 and set(starts.values()) == {1}  # graceful: no rerun
+
+
+def test_a_live_worker_is_not_buried_after_a_stall():
+    """Judged by heartbeats seen move, not by wall time alone: after the file
+    was locked for a while, nobody's heartbeat is fresh, and the first worker
+    through must not take the others for dead."""
+    observed, now = {}, 1_700_000_000.0
+    other = {"id": "other", "pid": 1, "host": "elsewhere", "beat": now - 60, "age": 60.0}
+    dead = castor._dead_workers
+    assert dead([other], "me", observed, 0, now) == {}  # first sight: not dead yet
+    assert dead([other], "me", observed, 9, now + 9) == {}
+    moved = dict(other, beat=now + 9.5, age=60.0)  # it beat meanwhile: alive
+    assert dead([moved], "me", observed, 10, now + 10) == {}
+    assert dead([moved], "me", observed, 19, now + 19) == {}
+    # ten of our beats while its heartbeat stood still, and old by the clock
+    assert dead([moved], "me", observed, 20, now + 20) == {"other": now + 9.5}
+    assert dead([dict(moved, age=5.0)], "me", observed, 30, now + 30) == {}
+    assert dead([], "me", observed, 31, now + 31) == {} and observed == {}
+
+
+def test_reaping_gives_a_dead_workers_task_back(project):
+    store = project.manager._store
+    handle = project.mod.add.delay(1, 2)
+    now = time.time()
+    store.register("other", {}, now)
+    claimed = store.exchange("other", [], {}, {"thread": (1, 1)}, {}, now).claimed["thread"]
+    assert [doc["id"] for doc, _ in claimed] == [handle.id] and handle.status() == "running"
+    (beat,) = [w["beat"] for w in store.workers() if w["id"] == "other"]  # the store's clock
+    assert store.reap({"other": beat - 1}, now, castor._lost) == []  # it beat since: alive
+    assert handle.status() == "running"
+    docs = store.reap({"other": beat}, now, castor._lost)
+    assert [doc["id"] for doc in docs] == [handle.id]
+    assert handle.status() == "pending" and handle.info()["losses"] == 1
+    assert store.workers() == []
+
+
+@pytest.mark.beaver_only
+def test_a_full_pool_waits_without_spinning(project):
+    worker = project.start("--workers", "1", "--threads", "1")
+    mod = project.mod
+    scheduled = mod.sleepy.schedule((2.5,), delay=0.3)
+    wait_for(lambda: scheduled.status() == "running", what="the scheduled task running")
+    before = _cpu_seconds(worker.pid)
+    time.sleep(1.0)  # measuring: the worker must be asleep while its one thread works
+    assert _cpu_seconds(worker.pid) - before < 0.2
+    assert scheduled.join(timeout=10) == 2.5
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Bad input and faults: locks, garbage, disk, payloads, files #################
+
+
+@pytest.mark.beaver_only
+def test_a_worker_survives_the_first_open_race(project):
+    """A brand-new file that another process is still setting up (it holds a
+    write lock before the switch to WAL): SQLite refuses beaver's switch at
+    once, whatever the busy timeout. The CLI retries the import instead."""
+    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
+    locker.execute("CREATE TABLE setup (x)")
+    locker.execute("BEGIN")
+    locker.execute("INSERT INTO setup VALUES (1)")  # a RESERVED lock, journal not WAL
+    worker = project.start("--workers", "1", wait=False)
+    try:
+        time.sleep(2)  # the lock is the point: the worker meets it while it starts
+        assert worker.poll() is None, project.output(worker)[1]
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    wait_for(lambda: project.worker_rows(worker.pid), what="the worker registered")
+    assert project.mod.add.delay(1, 2).join(timeout=20) == 3
+    code, _, err = project.stop(worker)
+    assert code == 0 and "Traceback" not in err
+
+
+@pytest.mark.beaver_only
+def test_a_file_locked_for_too_long_ends_with_one_line(project):
+    locker = sqlite3.connect(project.path / "fresh.db", isolation_level=None)
+    locker.execute("CREATE TABLE setup (x)")
+    locker.execute("BEGIN")
+    locker.execute("INSERT INTO setup VALUES (1)")
+    with open(project.path / "fresh_app.py", "w") as fh:
+        fh.write("from beaver import BeaverDB\nfrom castor import Manager\n"
+                 "manager = Manager(BeaverDB('fresh.db'))\n")
+    script = ("import sys, castor; castor.OPEN_RETRY_TIMEOUT = 1.0; "
+              "sys.exit(castor.main(['fresh_app:manager']))")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=project.path,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "database is locked" in lines[0] and "retries" in lines[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MB file system (tmpfs), to fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk):
+    """Fill the file system; return the filler's path."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+    return filler
+
+
+#: Big enough that writing it must grow the WAL file (see the full-disk test).
+MEGA = 1_000_000
+
+FULL_DISK_APP = """
+@manager.task(mode="thread")
+def big_result(n, gate):
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return "r" * n
+"""
+
+
+def test_full_disk_delay_refuses_and_the_worker_keeps_results(small_disk, tmp_path):
+    proj = Project(small_disk, FULL_DISK_APP)
+    try:
+        worker = proj.start("--workers", "1", "--threads", "4")
+        gate = str(tmp_path / "gate")  # outside the full disk
+        handles = [proj.mod.big_result.delay(MEGA, gate) for _ in range(3)]
+        wait_for(lambda: all(h.status() == "running" for h in handles), what="all running")
+        filler = fill(small_disk)
+        # A megabyte is more than the WAL file ever held here: writing it must grow
+        # the file, and there is no room left (a smaller write could reuse the WAL).
+        with pytest.raises(castor.StoreError, match="disk is full"):
+            proj.mod.big_result.delay("x" * MEGA, gate)
+        assert proj.manager.counts()["pending"] == 0  # nothing half-stored
+        open(gate, "w").close()
+        wait_for(lambda: "Store error" in proj.output(worker)[1], what="the worker to say so")
+        time.sleep(3)  # several more tries happen meanwhile, each one silent
+        err = proj.output(worker)[1]
+        assert err.count("Store error") == 1 and "disk is full" in err
+        assert worker.poll() is None and all(h.status() == "running" for h in handles)
+        os.remove(filler)
+        assert [len(h.join(timeout=30)) for h in handles] == [MEGA] * 3
+        err = proj.output(worker)[1]
+        assert err.count("Store usable again") == 1 and "Traceback" not in err
+        assert proj.mod.add.delay(1, 1).join(timeout=20) == 2
+    finally:
+        proj.cleanup()
+
+
+PAYLOAD_APP = """
+small = Manager(STORE or db, max_payload=2000)
+
+
+@small.task(mode="thread")
+def echo_small(x):
+    return x
+
+
+@small.task(mode="thread")
+def grow(n):
+    return "g" * n
+
+
+@small.task(mode="process")
+def pgrow(n):
+    return "p" * n
+"""
+
+
+def test_payload_limits(make_project):
+    proj = make_project(PAYLOAD_APP)
+    mod = proj.mod
+    with pytest.raises(castor.PayloadTooLarge, match=r"arguments of .*echo_small are 5,0\d\d "
+                       r"bytes of JSON, over the limit of 2,000"):
+        mod.echo_small.delay("x" * 5000)
+    assert proj.manager.counts()["pending"] == 0
+    with pytest.raises(castor.PayloadTooLarge, match="over the limit of 16,777,216"):
+        mod.add.delay("y" * 20_000_000, "")  # the default limit: 16 MiB
+    assert proj.manager.counts()["pending"] == 0
+    proj.start("--workers", "1", target=f"{proj.module}:small")
+    assert mod.echo_small.delay("ok").join(timeout=20) == "ok"
+    for task in (mod.grow, mod.pgrow):
+        with pytest.raises(castor.PayloadTooLarge, match="result of .* is 3,002 bytes"):
+            task.delay(3000).join(timeout=30)
+
+
+@pytest.mark.beaver_only
+def test_deleted_database_file_stops_the_worker(project):
+    worker = project.start("--workers", "1")
+    assert project.mod.add.delay(1, 1).join(timeout=20) == 2
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(project.path / f"tasks.db{suffix}")
+    assert worker.wait(timeout=15) == 1
+    err = project.output(worker)[1]
+    # "was deleted", or "was replaced" when the app (this process) made a new one meanwhile
+    assert "while this worker was using it; stopping" in err and "Traceback" not in err
+
+
+@pytest.mark.beaver_only
+def test_replaced_database_file_stops_the_worker(project):
+    worker = project.start("--workers", "1")
+    other = project.path / "other.db"
+    sqlite3.connect(other).close()
+    os.replace(other, project.path / "tasks.db")
+    assert worker.wait(timeout=15) == 1
+    assert "was replaced by another file" in project.output(worker)[1]
+
+
+def test_network_file_systems_are_recognised():
+    mounts = ("/dev/vda / ext4 rw 0 0\nsrv:/export /mnt/nfs nfs4 rw 0 0\n"
+              "tmpfs /mnt/nfs/local tmpfs rw 0 0\n//h/s /mnt/my\\040share cifs rw 0 0\n")
+    assert castor._network_fs("/mnt/nfs/app/tasks.db", mounts) == "nfs4"
+    assert castor._network_fs("/mnt/my share/tasks.db", mounts) == "cifs"
+    assert castor._network_fs("/mnt/nfs/local/tasks.db", mounts) is None  # nearest mount wins
+    assert castor._network_fs("/mnt/nfsx/tasks.db", mounts) is None
+    assert castor._network_fs("/home/tasks.db", mounts) is None
+
+
+@pytest.mark.beaver_only
+def test_locked_database_makes_the_worker_wait_not_crash(project):
+    worker = project.start("--workers", "1")
+    handles = project.mod.add.map([(i, i) for i in range(5)])
+    for handle in handles:
+        handle.join(timeout=20)
+    locker = sqlite3.connect(project.path / "tasks.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    locker.execute("INSERT INTO castor_stats VALUES ('lock-test', 0)")
+    queued = []
+    enqueuer = threading.Thread(target=lambda: queued.append(project.mod.add.delay(2, 2)))
+    enqueuer.start()  # waits on the lock too
+    time.sleep(4)  # the lock is the point here: hold it for several seconds
+    assert worker.poll() is None and not queued
+    locker.execute("ROLLBACK")
+    locker.close()
+    enqueuer.join(timeout=30)
+    assert queued[0].join(timeout=20) == 4
+    assert worker.poll() is None
+    assert "Traceback" not in project.output(worker)[1]
+
+
+@pytest.mark.beaver_only
+def test_garbage_document_fails_that_task_only(project):
+    mod = project.mod
+    good1, bad, weird, good2 = (mod.add.delay(1, 1), mod.add.delay(2, 2),
+                                mod.add.delay(3, 3), mod.add.delay(4, 4))
+    docs = mod.db.dict("castor_tasks")
+    docs[bad.id] = "garbage"
+    docs[weird.id] = dict(docs[weird.id], args="not-a-list")
+    project.start("--workers", "1")
+    assert good1.join(timeout=20) == 2 and good2.join(timeout=20) == 8
+    with pytest.raises(TaskError, match="corrupt"):
+        bad.join(timeout=20)
+    with pytest.raises(TaskError, match="bad args"):
+        weird.join(timeout=20)
+
+
+@pytest.mark.beaver_only
+def test_document_with_nan_written_through_beaver_fails_alone(project):
+    mod = project.mod
+    handles = [mod.add.delay(i, i) for i in range(3)]
+    docs = mod.db.dict("castor_tasks")
+    docs[handles[1].id] = dict(docs[handles[1].id], note=float("nan"))
+    worker = project.start("--workers", "1")
+    assert handles[0].join(timeout=20) == 0 and handles[2].join(timeout=20) == 4
+    with pytest.raises(TaskError, match="corrupt"):
+        handles[1].join(timeout=20)
+    assert project.stop(worker)[0] == 0
+
+
+# PostgreSQL: several hosts, outages, credentials ##############################
+#
+# Workers on other hosts (network namespaces) share one queue on the test
+# server. After a kill -9, a cut link or a server restart in the middle of a
+# drain, every task is recorded exactly once, none is lost, none is left
+# running.
+
+HOSTS_APP = """
+@manager.task(mode="thread")
+def work(i, seconds):
+    mark(f"w{i}")
+    time.sleep(seconds)
+    return [i, os.environ.get("CASTOR_TEST_HOST", "here")]
+"""
+
+
+@pytest.fixture
+def pg_project(tmp_path, pg_server):
+    """A project on a fresh PostgreSQL database, and the database's name."""
+    name, _ = pg_server.create_database()
+    proj = Project(tmp_path, HOSTS_APP, store=pg_server.url(name))
+    yield proj, name
+    proj.cleanup()
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def two_hosts(pg_server, pg_project):
+    """Two network namespaces reaching the server, or None (and a warning)
+    where they cannot be made: workers then run here, as distinct workers."""
+    try:
+        hosts = Hosts(2, pg_server).__enter__()
+    except Unavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to make network namespaces: {exc}")
+        warnings.warn(f"no network namespaces ({exc}): the hosts are local processes")
+        yield None
+        return
+    yield hosts
+    hosts.close()
+
+
+def start_on(proj, hosts, i, *flags, name=None):
+    """A worker on host ``i`` (a namespace, or this machine without hosts)."""
+    if hosts is None:
+        env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}")
+        return proj.start(*flags, env=env)
+    env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}", CASTOR_TEST_STORE=hosts[i].url(name))
+    return proj.start(*flags, host=hosts[i], env=env)
+
+
+def assert_each_recorded_once(proj, handles):
+    """Every task succeeded with its own result; nothing pending or running."""
+    for i, handle in enumerate(handles):
+        assert handle.join(timeout=90)[0] == i
+    counts = proj.manager.counts()
+    assert counts["success"] == len(handles) and counts["pending"] == counts["running"] == 0
+    assert collections.Counter(proj.labels()).keys() == {f"w{i}" for i in range(len(handles))}
+
+
+def test_kill_9_one_hosts_worker_mid_drain(pg_project, two_hosts):
+    proj, name = pg_project
+    handles = proj.mod.work.map([(i, 0.05) for i in range(200)])
+    first = start_on(proj, two_hosts, 0, "--threads", "4", name=name)
+    start_on(proj, two_hosts, 1, "--threads", "4", name=name)
+    wait_for(lambda: len(proj.runs()) > 40, what="the drain under way")
+    first.kill()
+    first.wait()
+    assert_each_recorded_once(proj, handles)
+    again = [label for label, n in collections.Counter(proj.labels()).items() if n > 1]
+    assert all(proj.manager.get_task_by_id(handles[int(label[1:])].id).info()["losses"] == 1
+               for label in again)
+
+
+def test_a_cut_host_loses_its_tasks_and_its_late_results_are_refused(pg_project, two_hosts):
+    proj, name = pg_project
+    first = start_on(proj, two_hosts, 0, "--threads", "2", name=name)
+    handles = proj.mod.work.map([(i, 4.0) for i in range(2)])
+    wait_for(lambda: all(h.status() == "running" for h in handles), what="host 0 running both")
+    start_on(proj, two_hosts, 1, "--threads", "2", name=name)
+    if two_hosts is None:
+        first.send_signal(signal.SIGSTOP)  # frozen: no heartbeat, as if cut off
+    else:
+        two_hosts[0].cut()
+    cut_at = time.monotonic()
+    try:
+        # Host 1 takes both over once host 0's lease has expired, within 15 s.
+        wait_for(lambda: proj.labels().count("w0") == 2 and proj.labels().count("w1") == 2,
+                 timeout=30, what="host 1 running both again")
+        assert time.monotonic() - cut_at < 15 + 2
+        assert [h.join(timeout=30) for h in handles] == [[0, "host1"], [1, "host1"]]
+    finally:
+        if two_hosts is None:
+            first.send_signal(signal.SIGCONT)
+        else:
+            two_hosts[0].restore()
+    # Host 0 comes back with its own results: refused, and said so.
+    wait_for(lambda: proj.output(first)[1].count("lease was lost") == 2, timeout=60,
+             what="host 0's late results refused")
+    assert [h.info()["result"] for h in handles] == [[0, "host1"], [1, "host1"]]
+    assert proj.manager.counts()["success"] == 2 and first.poll() is None
+
+
+def test_server_restart_mid_drain(pg_project, pg_server, two_hosts):
+    if not pg_server.can_restart:
+        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be restarted by the tests")
+    proj, name = pg_project
+    handles = proj.mod.work.map([(i, 0.01) for i in range(400)])
+    workers = [start_on(proj, two_hosts, i, "--threads", "4", name=name) for i in range(2)]
+    wait_for(lambda: len(proj.runs()) > 60, what="the drain under way")
+    pg_server.restart(immediate=True)
+    assert_each_recorded_once(proj, handles)
+    for worker in workers:
+        err = proj.output(worker)[1]
+        assert worker.poll() is None and "Traceback" not in err
+
+
+def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_server):
+    if not pg_server.can_restart:
+        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be stopped by the tests")
+    proj, _ = pg_project
+    assert proj.mod.add.delay(1, 1).id  # connected once
+    pg_server.stop("immediate")
+    try:
+        started = time.monotonic()
+        with pytest.raises(castor.StoreError, match="PostgreSQL at postgresql://castor@") as info:
+            proj.mod.add.delay(2, 2)
+        waited = time.monotonic() - started  # it waited for the server, boundedly
+        assert castor.PG_OUTAGE_WAIT / 2 <= waited < castor.PG_OUTAGE_WAIT + 10
+        assert pg_server.password not in str(info.value)
+    finally:
+        pg_server.start_again()
+    assert proj.manager.counts()["pending"] == 1  # the task that failed was never stored
+    proj.start("--workers", "1")
+    assert proj.mod.add.delay(3, 3).join(timeout=20) == 6
+
+
+def test_credentials_never_show(pg_project, pg_server, tmp_path):
+    proj, _ = pg_project
+    password = pg_server.password
+    assert password in proj.store
+    manager = proj.manager
+    assert password not in repr(manager) and password not in manager.path
+    worker = proj.start("--workers", "1", "-i")  # not a terminal: plain logs, with the store
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    stats = run_cli("stats", f"{proj.module}:manager", cwd=proj.path)
+    wrong = Manager(proj.store.replace(password, password + "-wrong"))
+    with pytest.raises(castor.StoreError) as info:
+        wrong.counts()
+    with pytest.raises(TypeError) as bad:
+        Manager(f"host=127.0.0.1 password={password}")  # not a URL: refused, not echoed
+    _, err = proj.output(worker)[0], proj.stop(worker)[2]
+    for text in (err, stats.stdout, stats.stderr, str(info.value), str(bad.value)):
+        assert password not in text
+    assert "postgresql://castor@127.0.0.1" in err
+
+
+def test_a_worker_holds_a_few_connections(pg_project, pg_server):
+    proj, name = pg_project
+    worker = proj.start("--workers", "1", "--threads", "8")
+    handles = proj.mod.work.map([(i, 0.01) for i in range(300)])
+    peak = 0
+    with pg_server.admin_connect() as conn:
+        while not all(h.status() == "success" for h in handles[-5:]):
+            (n,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                "application_name = 'castor' AND pid <> pg_backend_pid() AND "
+                                "client_port IS NOT NULL", (name,)).fetchone()
+            peak = max(peak, n)
+    assert_each_recorded_once(proj, handles)
+    # The worker: the pool (up to 3, busy at most one here) and its listener;
+    # this test's own producer connection; the process pool's children: none.
+    assert 2 <= peak <= 1 + castor.PG_POOL_SIZE + 1
+    assert proj.stop(worker)[0] == 0
+
+
+# Command line, examples and copies ###########################################
+
+
+@pytest.mark.beaver_only
+@pytest.mark.beaver_only
+@pytest.mark.parametrize("args, message", [
+    ((), "MODULE:VARIABLE"),
+    (("proj_x",), "expected MODULE:VARIABLE"),
+    (("no_such_module:manager",), "no module named 'no_such_module'"),
+    (("{mod}:nothing",), "has no variable 'nothing'"),
+    (("{mod}:add",), "not a castor.Manager"),
+    (("--workers", "0", "{mod}:manager"), "must be 1 or more"),
+    (("--workers", "many", "{mod}:manager"), "whole number"),
+    (("--threads", "-2", "{mod}:manager"), "must be 1 or more"),
+    (("--bogus", "{mod}:manager"), "unrecognized arguments"),
+])
+def test_cli_usage_errors(project, args, message):
+    args = [a.format(mod=project.module) for a in args]
+    done = run_cli(*args, cwd=project.path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_cli_import_flag_registers_more_tasks(project):
+    with open(project.path / "extra_tasks.py", "w") as fh:
+        fh.write(f"from {project.module} import manager\n"
+                 "@manager.task(mode='process')\n"
+                 "def triple(x):\n    return 3 * x\n")
+    project.start("--workers", "1", "--import", "extra_tasks")
+    sys.path.insert(0, str(project.path))
+    try:
+        project.mod
+        extra = importlib.import_module("extra_tasks")
+        assert extra.triple.delay(5).join(timeout=30) == 15
+    finally:
+        sys.path.remove(str(project.path))
+        sys.modules.pop("extra_tasks", None)
+
+
+def _copy_example(name, dest):
+    shutil.copytree(os.path.join(EXAMPLES, name), dest,
+                    ignore=shutil.ignore_patterns("*.db*", "__pycache__"))
+
+
+@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
+def test_seed_quickstart_end_to_end(tmp_path, command):
+    _copy_example("quickstart", tmp_path / "app")
+    app = tmp_path / "app"
+    if command == ["castor"]:
+        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
+    worker = subprocess.Popen(command + ["main:manager"], cwd=app, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        done = subprocess.run([sys.executable, "main.py"], cwd=app, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "Result from email task: {'recipient': 'alice@example.com', 'status': 'sent'}" \
+            in done.stdout
+        assert "--- Example finished ---" in done.stdout
+    finally:
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert "Starting server... Ctrl+C to stop." in err
+    assert "started: main.send_email('alice@example.com')" in err
+    assert "finished successfully in 2.0" in err
+    assert "-> Sending email to alice@example.com..." in out
+
+
+FASTAPI_CLIENT = '''
+import time
+from fastapi.testclient import TestClient
+from main import app, manager
+
+client = TestClient(app)
+posted = client.post("/calculate")
+assert posted.status_code == 202, posted.text
+task_id = posted.json()["task_id"]
+assert posted.json()["status"] == "pending"
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    body = client.get(f"/tasks/{task_id}").json()
+    if body["status"] == "success":
+        break
+    time.sleep(0.1)
+print("FINAL", body)
+missing = client.get("/tasks/no-such-task")
+assert missing.status_code == 404, missing.text
+pinged = client.post("/ping", params={"url": "https://example.org/up"})
+assert pinged.status_code == 200, pinged.text
+print("PING", pinged.json()["result"])
+'''
+
+
+@pytest.mark.parametrize("command", [["castor"], [sys.executable, "-m", "castor"]])
+def test_design_plan_fastapi_flow(tmp_path, command):
+    pytest.importorskip("fastapi")
+    _copy_example("fastapi", tmp_path / "app")
+    app = tmp_path / "app"
+    if command == ["castor"]:
+        command = [os.path.join(os.path.dirname(sys.executable), "castor")]
+    worker = subprocess.Popen(command + ["--workers", "1", "main:manager"], cwd=app,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        done = subprocess.run([sys.executable, "-c", FASTAPI_CLIENT], cwd=app,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert "FINAL {'task_id':" in done.stdout
+        assert "'status': 'success', 'result': 350}" in done.stdout
+        assert "PING {'url': 'https://example.org/up', 'status': 200}" in done.stdout
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "started: tasks.complex_calculation(100, 250)" in err
+
+
+def _registered(db_path):
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:  # never creates it
+            return conn.execute("SELECT count(*) FROM castor_workers").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_castor_copied_alone_into_a_project(tmp_path):
+    app = tmp_path / "app"
+    _copy_example("quickstart", app)
+    shutil.copy(os.path.join(ROOT, "castor.py"), app / "castor.py")
+    with open(app / "main.py", "a") as fh:
+        fh.write("\n@manager.task(mode='process')\ndef where():\n"
+                 "    import castor\n    return castor.__file__\n")
+    env = dict(os.environ, PYTHONPATH="")
+    worker = subprocess.Popen([sys.executable, "-m", "castor", "--workers", "1", "main:manager"],
+                              cwd=app, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The app starts once the worker has made the file, as in the README.
+        wait_for(lambda: worker.poll() is not None or _registered(app / "tasks.db"),
+                 timeout=60, what="the worker up")
+        script = ("import castor, main; assert castor.__file__.startswith(%r), castor.__file__;"
+                  "print(main.where.delay().join(timeout=60))" % str(app))
+        done = subprocess.run([sys.executable, "-c", script], cwd=app, env=env,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(app / "castor.py")
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+
+
+VENDORED_APP = """
+import os
+from beaver import BeaverDB
+from pkg.vendor.castor import Manager
+
+manager = Manager(BeaverDB(os.path.join(os.path.dirname(os.path.abspath(__file__)), "t.db")))
+
+
+@manager.task(mode="thread")
+def where_thread():
+    import pkg.vendor.castor as c
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.relpath(c.__file__, here), c.current_task().name]
+
+
+@manager.task(mode="process")
+def where_process():
+    import sys
+    return sorted(name for name in sys.modules if name.endswith("castor"))
+"""
+
+
+def test_castor_copied_inside_a_package(tmp_path):
+    vendor = tmp_path / "pkg" / "vendor"
+    vendor.mkdir(parents=True)
+    for init in (tmp_path / "pkg" / "__init__.py", vendor / "__init__.py"):
+        init.write_text("")
+    shutil.copy(os.path.join(ROOT, "castor.py"), vendor / "castor.py")
+    (tmp_path / "main.py").write_text(VENDORED_APP)
+    env = dict(os.environ, PYTHONPATH="")
+    worker = subprocess.Popen([sys.executable, "-m", "pkg.vendor.castor", "--workers", "1",
+                               "main:manager"], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        script = ("import main; print(main.where_thread.delay().join(timeout=60)); "
+                  "print(main.where_process.delay().join(timeout=60))")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["['pkg/vendor/castor.py', 'main.where_thread']",
+                                            "['pkg.vendor.castor']"]
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "Traceback" not in err
+
+
+LOGGING_APP = """
+import logging
+logging.basicConfig(filename=os.path.join(HERE, "app.log"), level=logging.INFO,
+                    format="%(name)s|%(funcName)s|%(lineno)d|%(threadName)s|%(message)s")
+app_log = logging.getLogger("app")
+
+
+@manager.task(mode="thread")
+def logs_a_line():
+    app_log.info("hello from a task")
+"""
+
+
+@pytest.mark.beaver_only
+def test_the_worker_leaves_the_apps_logging_alone(make_project):
+    proj = make_project(LOGGING_APP)
+    proj.start("--workers", "1", "--log-level", "warning")
+    proj.mod.logs_a_line.delay().join(timeout=20)
+    lines = (proj.path / "app.log").read_text().splitlines()
+    app_lines = [line.split("|") for line in lines if line.startswith("app|")]
+    assert len(app_lines) == 1
+    _, func, lineno, thread, message = app_lines[0]
+    assert (func, message) == ("logs_a_line", "hello from a task")
+    assert int(lineno) > 0 and thread.startswith("castor-thread-")
+    worker_err = proj.output(proj.workers[0])[1]
+    assert "INFO" not in worker_err  # --log-level warning: castor's info lines are off
+
+
+@pytest.mark.beaver_only
+def test_bad_log_level_is_a_usage_error(project):
+    done = run_cli("--log-level", "chatty", f"{project.module}:manager", cwd=project.path)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
 
 
 def test_inspection_commands(make_project):
@@ -3332,7 +3576,7 @@ def test_star_step_in_day_of_week_means_both_must_match():
     assert [(d.month, d.day) for d in dates] == [(2, 1), (3, 1), (11, 1)]
 
 
-# next_after ###################################################################
+# Cron: next_after
 
 
 def test_next_after_simple():
@@ -3501,6 +3745,480 @@ def test_fall_back_in_paris():
     cron = _Cron("*/15 * * * *", tz="Europe/Paris")
     assert cron.next_after(utc(2026, 10, 25, 0, 45)) == utc(2026, 10, 25, 2, 0)
     assert cron.next_after(utc(2026, 10, 25, 1, 20)) == utc(2026, 10, 25, 2, 0)
+
+
+# Dashboard (-i) ###############################################################
+#
+# The worker runs in a real pseudo-terminal; a small screen emulator reads
+# what it draws, as a terminal would.
+
+dash = castor
+
+
+def dashboard_command(project, *flags):
+    """The command of a worker with the dashboard: ``python -m castor -i ...``."""
+    return [sys.executable, "-m", "castor", "-i", *flags, f"{project.module}:manager"]
+
+
+SGR = re.compile(rb"\x1b\[[0-9;]*m")
+RESTORE = b"\x1b[?1049l\x1b[?25h"
+
+
+class Screen:
+    """Just enough of a VT100 to read the dashboard: cursor moves, erases,
+    the alternate screen, colours ignored, and auto-wrap and scrolling
+    counted, since the dashboard must never wrap a line or scroll."""
+
+    def __init__(self, cols, rows):
+        self.modes = {}
+        self.wraps = self.scrolls = 0
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._state, self._params = "text", ""
+        self.resize(cols, rows)
+
+    def resize(self, cols, rows):
+        self.cols, self.rows = cols, rows
+        self.grid = [[" "] * cols for _ in range(rows)]
+        self.row = self.col = 0
+        self.wrap_next = False
+
+    def feed(self, data):
+        for char in self._decode(data):
+            self._char(char)
+
+    def lines(self):
+        return ["".join(row).rstrip() for row in self.grid]
+
+    def _char(self, char):
+        if self._state == "esc":
+            self._state, self._params = ("csi" if char == "[" else "text"), ""
+        elif self._state == "csi":
+            if "@" <= char <= "~":
+                self._state = "text"
+                self._csi(self._params, char)
+            else:
+                self._params += char
+        elif char == "\x1b":
+            self._state = "esc"
+        elif char == "\r":
+            self.col, self.wrap_next = 0, False
+        elif char == "\n":
+            self._line_feed()
+        elif char >= " ":
+            self._put(char)
+
+    def _put(self, char):
+        if self.wrap_next:  # a character past the last column wraps
+            self.wraps += 1
+            self.col = 0
+            self._line_feed()
+        self.grid[self.row][self.col] = char
+        if self.col == self.cols - 1:
+            self.wrap_next = True
+        else:
+            self.col += 1
+
+    def _line_feed(self):
+        self.wrap_next = False
+        if self.row == self.rows - 1:
+            self.scrolls += 1
+            self.grid = self.grid[1:] + [[" "] * self.cols]
+        else:
+            self.row += 1
+
+    def _csi(self, params, final):
+        if params.startswith("?"):
+            for mode in params[1:].split(";"):
+                self.modes[mode] = final == "h"
+                if mode == "1049":  # a fresh alternate screen, or back to the shell's
+                    self._erase(0, self.rows)
+            return
+        nums = [int(p) if p.isdigit() else 0 for p in params.split(";")]
+        if final in "Hf":
+            row, col = (nums + [0, 0])[:2]
+            self.row = min(max(row, 1), self.rows) - 1
+            self.col = min(max(col, 1), self.cols) - 1
+            self.wrap_next = False
+        elif final == "K":  # erase in line, from the cursor (as xterm: even when wrap is due)
+            spans = {0: (self.col, self.cols), 1: (0, self.col + 1)}
+            start, end = spans.get(nums[0], (0, self.cols))
+            self.grid[self.row][start:end] = [" "] * (end - start)
+        elif final == "J":
+            if nums[0] == 0:
+                self._csi("0", "K")
+                self._erase(self.row + 1, self.rows)
+            else:
+                self._erase(0, self.rows)
+
+    def _erase(self, first, last):
+        for row in range(first, last):
+            self.grid[row] = [" "] * self.cols
+
+
+def _take_terminal():
+    # In the child, after setsid(): the pty becomes its controlling terminal,
+    # so a ^C typed on it is a SIGINT from the line discipline, as for real.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class PtyWorker:
+    """A ``castor -i`` worker in a pseudo-terminal, and the screen it draws."""
+
+    def __init__(self, project, *flags, size=(80, 24), env=None):
+        self.master, slave = pty.openpty()
+        self.screen = Screen(*size)
+        self.raw = bytearray()
+        self._lock = threading.Lock()
+        self._set_size(*size)
+        env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+               "TERM": "xterm-256color", **(env or {})}
+        self.proc = subprocess.Popen(
+            dashboard_command(project, *flags), cwd=project.path, env=env,
+            stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True, preexec_fn=_take_terminal)
+        os.close(slave)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: every end of the terminal was closed
+                return
+            if not data:
+                return
+            with self._lock:
+                self.raw += data
+                self.screen.feed(data)
+
+    def _set_size(self, cols, rows):
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def resize(self, cols, rows):
+        with self._lock:
+            self.screen.resize(cols, rows)
+            self._set_size(cols, rows)
+
+    def lines(self):
+        with self._lock:
+            return self.screen.lines()
+
+    def output(self):
+        with self._lock:
+            return bytes(self.raw)
+
+    def wait_screen(self, predicate, what, timeout=15):
+        """The screen's lines once ``predicate(text)`` holds."""
+        def check():
+            lines = self.lines()
+            return lines if predicate("\n".join(lines)) else None
+        try:
+            return wait_for(check, timeout=timeout, what=what)
+        except AssertionError:
+            raise AssertionError(f"{what}; the screen:\n" + "\n".join(self.lines())) from None
+
+    def press(self, keys):
+        os.write(self.master, keys)
+
+    def finish(self, timeout=15):
+        """Wait for the worker to exit; return its status."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("worker did not exit:\n" + "\n".join(self.lines())) from None
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    def close(self):
+        if self.proc.poll() is None:
+            kids = children_of(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+            for kid in kids:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(kid, signal.SIGKILL)
+        self._reader.join(timeout=5)
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal(project):
+    opened = []
+
+    def open_terminal(*flags, **options):
+        opened.append(PtyWorker(project, "--workers", "1", "--threads", "2", *flags, **options))
+        return opened[-1]
+    yield open_terminal
+    for term in opened:
+        term.close()
+
+
+def stat(text, label):
+    """A number from the Worker Stats panel, as shown."""
+    found = re.search(rf"{label}: +([0-9][0-9,.]*(?: / [0-9]+)?)", text)
+    return found.group(1) if found else None
+
+
+def frames(raw):
+    """The frames of the dashboard, as lists of lines without colours."""
+    body = raw.split(b"\x1b[?1049h", 1)[-1].split(b"\x1b[?1049l", 1)[0]
+    return [SGR.sub(b"", frame).replace(b"\x1b[J", b"").decode().replace("\r", "").split("\n")
+            for frame in body.split(b"\x1b[H")[1:]]
+
+
+@pytest.mark.beaver_only
+def test_dashboard_shows_live_numbers_at_80x24(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    failed = project.mod.boom.delay("bad input")
+    with pytest.raises(ValueError):
+        failed.join(timeout=10)
+    handles = project.mod.add.map([(i, i) for i in range(5)])
+    assert [h.join(timeout=10) for h in handles] == [0, 2, 4, 6, 8]
+    lines = term.wait_screen(
+        lambda text: stat(text, "Total Done") == "5" and "finished successfully" in text,
+        "Total Done: 5 and a log line")
+    text = "\n".join(lines)
+    assert lines[0] == (f" C Λ S T O R v{castor.__version__} | Manager: {project.module}:manager"
+                        " | Status: Running")
+    for title in ("Worker Stats", "Latest Tasks", "Logs (UTC)"):
+        assert title in text
+    assert (stat(text, "Process Tasks"), stat(text, "Thread Tasks")) == ("0 / 1", "0 / 2")
+    assert (stat(text, "Pending Queue"), stat(text, "Failed")) == ("0", "1")
+    assert float(stat(text, "Rate")) > 0
+    assert re.search(rf"{handles[-1].id[:8]} SUCCESS +{project.module}\.add +\d+\.\d\ds", text)
+    assert f"{failed.id[:8]} FAILED    {project.module}.boom" in text
+    assert re.search(r"\d\d:\d\d:\d\d INFO +Task \w{8} finished successfully in", text)
+    # Fits 80x24 exactly: the bottom border on the last row, nothing wrapped.
+    assert lines[-1].startswith("+-- Ctrl+C: stop ---") and len(lines[-1]) == 80
+    assert term.screen.wraps == term.screen.scrolls == 0
+    drawn = frames(term.output())
+    assert len(drawn) >= 2 and all(len(frame) <= 24 for frame in drawn)
+    assert max(len(line) for frame in drawn for line in frame) == 80
+    assert b"\x1b[32mSUCCESS" in term.output()  # coloured, as NO_COLOR is unset
+    term.press(b"\x03")
+    assert term.finish() == 0
+    assert term.output().endswith(RESTORE)
+    assert b"Traceback" not in term.output()
+    assert b"^C" not in term.output()  # keys are not echoed over the screen
+
+
+@pytest.mark.beaver_only
+def test_dashboard_ctrl_c_drains_then_restores_the_terminal(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    handle = project.mod.sleepy.delay(2.0)
+    term.wait_screen(lambda text: stat(text, "Thread Tasks") == "1 / 2"
+                     and f"{handle.id[:8]} RUNNING" in text, "a running task")
+    term.press(b"\x03")
+    term.wait_screen(lambda text: "Status: Stopping…" in text
+                     and "Ctrl+C again: exit now" in text, "the Stopping status")
+    assert term.finish() == 0
+    assert handle.status() == "success"
+    out = term.output()
+    assert out.endswith(RESTORE) and b"Traceback" not in out
+    assert term.screen.modes == {"1049": False, "25": True}
+    assert term.lines() == [""] * 24  # back on the shell's screen, nothing drawn over it
+
+
+@pytest.mark.beaver_only
+def test_dashboard_second_ctrl_c_exits_at_once(project, terminal):
+    term = terminal()
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    handle = project.mod.sleepy.delay(60)
+    term.wait_screen(lambda text: f"{handle.id[:8]} RUNNING" in text, "a running task")
+    term.press(b"\x03")
+    term.wait_screen(lambda text: "Status: Stopping…" in text, "the Stopping status")
+    term.press(b"\x03")
+    assert term.finish(timeout=10) == 1
+    assert handle.status() == "pending"
+    assert term.output().endswith(RESTORE) and b"Traceback" not in term.output()
+
+
+@pytest.mark.beaver_only
+def test_dashboard_fills_a_big_terminal_and_follows_a_resize(project, terminal):
+    term = terminal(size=(120, 40))
+    lines = term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    assert len(lines) == 40 and lines[-1].startswith("+-- Ctrl+C") and len(lines[-1]) == 120
+    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 89 + "+"
+    term.resize(100, 30)
+    bottom = "+-- Ctrl+C: stop " + "-" * 82 + "+"
+    lines = term.wait_screen(lambda text: text.endswith("\n" + bottom), "a redraw at 100x30")
+    assert lines[0].startswith(" C Λ S T O R")
+    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 69 + "+"
+    term.press(b"\x03")
+    assert term.finish() == 0
+
+
+@pytest.mark.beaver_only
+def test_dashboard_honours_no_color(project, terminal):
+    term = terminal(env={"NO_COLOR": "1"})
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    assert project.mod.add.delay(1, 2).join(timeout=10) == 3
+    term.wait_screen(lambda text: stat(text, "Total Done") == "1" and "SUCCESS" in text,
+                     "the finished task")
+    term.press(b"\x03")
+    assert term.finish() == 0
+    assert not SGR.search(term.output())
+
+
+@pytest.mark.beaver_only
+def test_interactive_without_a_terminal_says_so_and_logs_plainly(project):
+    proc = project.start("-i")  # stdout is a file
+    assert project.mod.add.delay(2, 3).join(timeout=10) == 5
+    wait_for(lambda: "finished successfully" in project.output(proc)[1], what="a task log line")
+    code, out, err = project.stop(proc)
+    assert code == 0 and out == ""
+    said = [line for line in err.splitlines() if "terminal" in line]
+    assert len(said) == 1 and "stdout is not a terminal: no dashboard, plain logs" in said[0]
+    assert "\x1b[" not in err
+
+
+class _CrashingWorker:
+    """Just what the dashboard reads; its first count fails, then run() crashes."""
+
+    state = "Running"
+    problem = None
+
+    def __init__(self, out):
+        self.manager, self.out, self.reads = self, out, 0
+
+    def counts(self):
+        self.reads += 1
+        if self.reads == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return dict.fromkeys(castor.STATUSES, 0)
+
+    def tasks(self, status=None, limit=50):
+        return []
+
+    def busy(self):
+        return {"thread": (0, 2), "process": (0, 1)}
+
+    def run(self):
+        wait_for(lambda: b"Total Done" in self.out.buffer.getvalue(), timeout=5, what="a frame")
+        raise RuntimeError("the worker crashed")
+
+
+def test_dashboard_survives_a_bad_frame_and_restores_everything_on_a_crash(monkeypatch):
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    handler = logging.StreamHandler(io.StringIO())
+    castor.logger.addHandler(handler)
+    winch = signal.getsignal(signal.SIGWINCH)
+    try:
+        with pytest.raises(RuntimeError, match="the worker crashed"):
+            dash._run_dashboard(_CrashingWorker(out), "app:manager", handler)
+        assert handler in castor.logger.handlers
+        assert not [h for h in castor.logger.handlers if isinstance(h, dash._LogTail)]
+    finally:
+        castor.logger.removeHandler(handler)
+    assert out.buffer.getvalue().endswith(RESTORE)
+    assert signal.getsignal(signal.SIGWINCH) is winch
+    assert handler.stream.getvalue() == ""  # the logs went to the panel meanwhile
+
+
+def _view(**changes):
+    now = 1_700_000_000.0
+    iso = castor._iso
+    doc = {"id": "c4a3f2b1-0000", "status": "success", "task_name": "tasks.process_payment",
+           "started_at": iso(now - 2), "finished_at": iso(now - 0.98)}
+    view = {"version": "1.0", "target": "main:manager", "state": "Running",
+            "busy": {"thread": (7, 8), "process": (3, 4)},
+            "counts": {"pending": 12, "running": 10, "success": 1234, "failed": 3, "cancelled": 0},
+            "rate": 2.5, "now": now, "logs": [(now, "INFO", "Task c4a3f2b1 finished successfully")],
+            "tasks": [doc, {**doc, "id": "d5b4c3a2", "status": "running", "finished_at": None,
+                            "task_name": "tasks.complex_calculation_with_a_very_long_name"},
+                      {**doc, "id": "e6c5d4b3", "status": "pending", "started_at": None}] * 5}
+    view.update(changes)
+    return view
+
+
+def _visible(line):
+    return dash._width(SGR.sub(b"", line.encode()).decode())
+
+
+@pytest.mark.beaver_only
+@pytest.mark.parametrize("cols, rows", [(80, 24), (81, 25), (132, 50), (40, 12), (12, 3), (5, 2)])
+def test_dashboard_frame_fits_any_size(cols, rows):
+    lines = dash._render(_view(), dash._Layout(cols, rows), True)
+    assert len(dash._frame(lines, rows).split("\r\n")) <= rows
+    assert all(_visible(line) == cols for line in lines)
+
+
+def test_dashboard_render_at_80x24():
+    lines = [SGR.sub(b"", line.encode()).decode() for line in
+             dash._render(_view(), dash._Layout(80, 24), True)]
+    assert len(lines) == 24
+    assert lines[0].rstrip() == " C Λ S T O R v1.0 | Manager: main:manager | Status: Running"
+    assert "| Process Tasks: 3 / 4" in lines[4] and "| Thread Tasks:  7 / 8" in lines[5]
+    assert "| Async Tasks:   0 / 0" in lines[6]
+    assert "Total Done:    1,234" in lines[8] and "Rate:          2.5 tasks/s" in lines[10]
+    assert lines[4].endswith("| c4a3f2b1 SUCCESS   process_payment        1.02s |")
+    assert lines[5].endswith("| d5b4c3a2 RUNNING   complex_calculation…   2.00s |")
+    assert lines[6].endswith("| e6c5d4b3 PENDING   process_payment              |")
+    assert re.match(r"\| \d\d:\d\d:\d\d INFO    Task c4a3f2b1 finished successfully +\|$",
+                    lines[-2])
+
+
+def test_dashboard_without_colour_writes_no_escape_codes():
+    lines = dash._render(_view(state="Stopping"), dash._Layout(80, 24), False)
+    assert not any("\x1b" in line for line in lines)
+    assert "Status: Stopping…" in lines[0]
+
+
+def test_dashboard_long_target_gives_way_to_the_status():
+    lines = dash._render(_view(target="a" * 200 + ":manager"), dash._Layout(80, 24), False)
+    assert lines[0].rstrip().endswith("a… | Status: Running") and _visible(lines[0]) == 80
+    narrow = dash._render(_view(), dash._Layout(40, 12), False)
+    assert narrow[0].rstrip() == " C Λ S T O R v1.0 | Status: Running"
+
+
+def test_dashboard_fit_counts_columns_not_codes():
+    assert dash._fit([("abcdef", "")], 4, True) == "abc…"
+    assert dash._fit([("ab", "31")], 4, True) == "\x1b[31mab\x1b[0m  "
+    two = "\x1b[31mab\x1b[0m\x1b[1mc\x1b[0m…"
+    assert dash._fit([("ab", "31"), ("cdef", "1")], 4, True) == two
+    assert dash._fit([("日本語", "")], 5, False) == "日本…"
+    assert dash._fit([("日本語x", "")], 6, False) == "日本… "
+    assert dash._fit([("a\x1b[2Jb\nc", "")], 10, False) == "a [2Jb c  "
+
+
+def test_dashboard_rate_over_a_window():
+    rate = dash._Rate(window=10)
+    assert rate.update(100.0, 0) == 0.0
+    assert rate.update(101.0, 5) == 5.0
+    assert rate.update(105.0, 25) == 5.0
+    assert rate.update(120.0, 25) == pytest.approx(0.0)  # idle for more than the window
+    assert rate.update(121.0, 15) == 0.0  # pruned: never negative
+
+
+def test_dashboard_latest_tasks_show_running_ones_first(project):
+    mod = project.mod
+    handles = [mod.add.delay(i, i) for i in range(6)]
+    store = project.manager._store
+    # as a worker would have claimed it
+    claimed = store.exchange("w1", [], {}, {"thread": (1, 1)}, {}, time.time()).claimed["thread"]
+    assert len(claimed) == 1 and claimed[0][0]["id"] == handles[0].id
+    shown = [doc["id"] for doc in dash._latest(project.manager, 4)]
+    assert shown == [handles[0].id] + [h.id for h in handles[:1:-1]][:3]
+
+
+def test_dashboard_durations():
+    iso, now = castor._iso, 1_700_000_000.0
+    doc = {"status": "success", "started_at": iso(now - 4000), "finished_at": iso(now)}
+    assert dash._duration(doc, now) == "1h06m"
+    assert dash._duration({**doc, "started_at": iso(now - 75)}, now) == "1m15s"
+    assert dash._duration({**doc, "status": "running", "finished_at": None,
+                           "started_at": iso(now - 1.5)}, now) == "1.50s"
+    assert dash._duration({"status": "pending", "started_at": None}, now) == ""
+
+
+def test_the_dashboard_shows_a_store_problem():
+    lines = dash._render(_view(problem="cannot write tasks.db: the disk is full"),
+                         dash._Layout(80, 24), False)
+    assert "Status: Store error, retrying" in lines[0]
 
 
 # Web view #####################################################################
@@ -4093,662 +4811,3 @@ def test_castor_web_logs_its_address_stays_quiet_and_stops_on_signals(web_projec
     assert "not a loopback address" in web_project.output(proc)[1]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 0
-
-
-# Dashboard (-i) ###############################################################
-#
-# The worker runs in a real pseudo-terminal; a small screen emulator reads
-# what it draws, as a terminal would.
-
-dash = castor
-
-
-def dashboard_command(project, *flags):
-    """The command of a worker with the dashboard: ``python -m castor -i ...``."""
-    return [sys.executable, "-m", "castor", "-i", *flags, f"{project.module}:manager"]
-
-
-SGR = re.compile(rb"\x1b\[[0-9;]*m")
-RESTORE = b"\x1b[?1049l\x1b[?25h"
-
-
-class Screen:
-    """Just enough of a VT100 to read the dashboard: cursor moves, erases,
-    the alternate screen, colours ignored, and auto-wrap and scrolling
-    counted, since the dashboard must never wrap a line or scroll."""
-
-    def __init__(self, cols, rows):
-        self.modes = {}
-        self.wraps = self.scrolls = 0
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-        self._state, self._params = "text", ""
-        self.resize(cols, rows)
-
-    def resize(self, cols, rows):
-        self.cols, self.rows = cols, rows
-        self.grid = [[" "] * cols for _ in range(rows)]
-        self.row = self.col = 0
-        self.wrap_next = False
-
-    def feed(self, data):
-        for char in self._decode(data):
-            self._char(char)
-
-    def lines(self):
-        return ["".join(row).rstrip() for row in self.grid]
-
-    def _char(self, char):
-        if self._state == "esc":
-            self._state, self._params = ("csi" if char == "[" else "text"), ""
-        elif self._state == "csi":
-            if "@" <= char <= "~":
-                self._state = "text"
-                self._csi(self._params, char)
-            else:
-                self._params += char
-        elif char == "\x1b":
-            self._state = "esc"
-        elif char == "\r":
-            self.col, self.wrap_next = 0, False
-        elif char == "\n":
-            self._line_feed()
-        elif char >= " ":
-            self._put(char)
-
-    def _put(self, char):
-        if self.wrap_next:  # a character past the last column wraps
-            self.wraps += 1
-            self.col = 0
-            self._line_feed()
-        self.grid[self.row][self.col] = char
-        if self.col == self.cols - 1:
-            self.wrap_next = True
-        else:
-            self.col += 1
-
-    def _line_feed(self):
-        self.wrap_next = False
-        if self.row == self.rows - 1:
-            self.scrolls += 1
-            self.grid = self.grid[1:] + [[" "] * self.cols]
-        else:
-            self.row += 1
-
-    def _csi(self, params, final):
-        if params.startswith("?"):
-            for mode in params[1:].split(";"):
-                self.modes[mode] = final == "h"
-                if mode == "1049":  # a fresh alternate screen, or back to the shell's
-                    self._erase(0, self.rows)
-            return
-        nums = [int(p) if p.isdigit() else 0 for p in params.split(";")]
-        if final in "Hf":
-            row, col = (nums + [0, 0])[:2]
-            self.row = min(max(row, 1), self.rows) - 1
-            self.col = min(max(col, 1), self.cols) - 1
-            self.wrap_next = False
-        elif final == "K":  # erase in line, from the cursor (as xterm: even when wrap is due)
-            spans = {0: (self.col, self.cols), 1: (0, self.col + 1)}
-            start, end = spans.get(nums[0], (0, self.cols))
-            self.grid[self.row][start:end] = [" "] * (end - start)
-        elif final == "J":
-            if nums[0] == 0:
-                self._csi("0", "K")
-                self._erase(self.row + 1, self.rows)
-            else:
-                self._erase(0, self.rows)
-
-    def _erase(self, first, last):
-        for row in range(first, last):
-            self.grid[row] = [" "] * self.cols
-
-
-def _take_terminal():
-    # In the child, after setsid(): the pty becomes its controlling terminal,
-    # so a ^C typed on it is a SIGINT from the line discipline, as for real.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-class PtyWorker:
-    """A ``castor -i`` worker in a pseudo-terminal, and the screen it draws."""
-
-    def __init__(self, project, *flags, size=(80, 24), env=None):
-        self.master, slave = pty.openpty()
-        self.screen = Screen(*size)
-        self.raw = bytearray()
-        self._lock = threading.Lock()
-        self._set_size(*size)
-        env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
-               "TERM": "xterm-256color", **(env or {})}
-        self.proc = subprocess.Popen(
-            dashboard_command(project, *flags), cwd=project.path, env=env,
-            stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True, preexec_fn=_take_terminal)
-        os.close(slave)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO: every end of the terminal was closed
-                return
-            if not data:
-                return
-            with self._lock:
-                self.raw += data
-                self.screen.feed(data)
-
-    def _set_size(self, cols, rows):
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def resize(self, cols, rows):
-        with self._lock:
-            self.screen.resize(cols, rows)
-            self._set_size(cols, rows)
-
-    def lines(self):
-        with self._lock:
-            return self.screen.lines()
-
-    def output(self):
-        with self._lock:
-            return bytes(self.raw)
-
-    def wait_screen(self, predicate, what, timeout=15):
-        """The screen's lines once ``predicate(text)`` holds."""
-        def check():
-            lines = self.lines()
-            return lines if predicate("\n".join(lines)) else None
-        try:
-            return wait_for(check, timeout=timeout, what=what)
-        except AssertionError:
-            raise AssertionError(f"{what}; the screen:\n" + "\n".join(self.lines())) from None
-
-    def press(self, keys):
-        os.write(self.master, keys)
-
-    def finish(self, timeout=15):
-        """Wait for the worker to exit; return its status."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("worker did not exit:\n" + "\n".join(self.lines())) from None
-        self._reader.join(timeout=5)
-        return self.proc.returncode
-
-    def close(self):
-        if self.proc.poll() is None:
-            kids = children_of(self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
-            for kid in kids:
-                with __import__("contextlib").suppress(ProcessLookupError):
-                    os.kill(kid, signal.SIGKILL)
-        self._reader.join(timeout=5)
-        os.close(self.master)
-
-
-@pytest.fixture
-def terminal(project):
-    opened = []
-
-    def open_terminal(*flags, **options):
-        opened.append(PtyWorker(project, "--workers", "1", "--threads", "2", *flags, **options))
-        return opened[-1]
-    yield open_terminal
-    for term in opened:
-        term.close()
-
-
-def stat(text, label):
-    """A number from the Worker Stats panel, as shown."""
-    found = re.search(rf"{label}: +([0-9][0-9,.]*(?: / [0-9]+)?)", text)
-    return found.group(1) if found else None
-
-
-def frames(raw):
-    """The frames of the dashboard, as lists of lines without colours."""
-    body = raw.split(b"\x1b[?1049h", 1)[-1].split(b"\x1b[?1049l", 1)[0]
-    return [SGR.sub(b"", frame).replace(b"\x1b[J", b"").decode().replace("\r", "").split("\n")
-            for frame in body.split(b"\x1b[H")[1:]]
-
-
-@pytest.mark.beaver_only
-def test_dashboard_shows_live_numbers_at_80x24(project, terminal):
-    term = terminal()
-    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
-    failed = project.mod.boom.delay("bad input")
-    with pytest.raises(ValueError):
-        failed.join(timeout=10)
-    handles = project.mod.add.map([(i, i) for i in range(5)])
-    assert [h.join(timeout=10) for h in handles] == [0, 2, 4, 6, 8]
-    lines = term.wait_screen(
-        lambda text: stat(text, "Total Done") == "5" and "finished successfully" in text,
-        "Total Done: 5 and a log line")
-    text = "\n".join(lines)
-    assert lines[0] == (f" C Λ S T O R v{castor.__version__} | Manager: {project.module}:manager"
-                        " | Status: Running")
-    for title in ("Worker Stats", "Latest Tasks", "Logs (UTC)"):
-        assert title in text
-    assert (stat(text, "Process Tasks"), stat(text, "Thread Tasks")) == ("0 / 1", "0 / 2")
-    assert (stat(text, "Pending Queue"), stat(text, "Failed")) == ("0", "1")
-    assert float(stat(text, "Rate")) > 0
-    assert re.search(rf"{handles[-1].id[:8]} SUCCESS +{project.module}\.add +\d+\.\d\ds", text)
-    assert f"{failed.id[:8]} FAILED    {project.module}.boom" in text
-    assert re.search(r"\d\d:\d\d:\d\d INFO +Task \w{8} finished successfully in", text)
-    # Fits 80x24 exactly: the bottom border on the last row, nothing wrapped.
-    assert lines[-1].startswith("+-- Ctrl+C: stop ---") and len(lines[-1]) == 80
-    assert term.screen.wraps == term.screen.scrolls == 0
-    drawn = frames(term.output())
-    assert len(drawn) >= 2 and all(len(frame) <= 24 for frame in drawn)
-    assert max(len(line) for frame in drawn for line in frame) == 80
-    assert b"\x1b[32mSUCCESS" in term.output()  # coloured, as NO_COLOR is unset
-    term.press(b"\x03")
-    assert term.finish() == 0
-    assert term.output().endswith(RESTORE)
-    assert b"Traceback" not in term.output()
-    assert b"^C" not in term.output()  # keys are not echoed over the screen
-
-
-@pytest.mark.beaver_only
-def test_dashboard_ctrl_c_drains_then_restores_the_terminal(project, terminal):
-    term = terminal()
-    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
-    handle = project.mod.sleepy.delay(2.0)
-    term.wait_screen(lambda text: stat(text, "Thread Tasks") == "1 / 2"
-                     and f"{handle.id[:8]} RUNNING" in text, "a running task")
-    term.press(b"\x03")
-    term.wait_screen(lambda text: "Status: Stopping…" in text
-                     and "Ctrl+C again: exit now" in text, "the Stopping status")
-    assert term.finish() == 0
-    assert handle.status() == "success"
-    out = term.output()
-    assert out.endswith(RESTORE) and b"Traceback" not in out
-    assert term.screen.modes == {"1049": False, "25": True}
-    assert term.lines() == [""] * 24  # back on the shell's screen, nothing drawn over it
-
-
-@pytest.mark.beaver_only
-def test_dashboard_second_ctrl_c_exits_at_once(project, terminal):
-    term = terminal()
-    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
-    handle = project.mod.sleepy.delay(60)
-    term.wait_screen(lambda text: f"{handle.id[:8]} RUNNING" in text, "a running task")
-    term.press(b"\x03")
-    term.wait_screen(lambda text: "Status: Stopping…" in text, "the Stopping status")
-    term.press(b"\x03")
-    assert term.finish(timeout=10) == 1
-    assert handle.status() == "pending"
-    assert term.output().endswith(RESTORE) and b"Traceback" not in term.output()
-
-
-@pytest.mark.beaver_only
-def test_dashboard_fills_a_big_terminal_and_follows_a_resize(project, terminal):
-    term = terminal(size=(120, 40))
-    lines = term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
-    assert len(lines) == 40 and lines[-1].startswith("+-- Ctrl+C") and len(lines[-1]) == 120
-    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 89 + "+"
-    term.resize(100, 30)
-    bottom = "+-- Ctrl+C: stop " + "-" * 82 + "+"
-    lines = term.wait_screen(lambda text: text.endswith("\n" + bottom), "a redraw at 100x30")
-    assert lines[0].startswith(" C Λ S T O R")
-    assert lines[3] == "+" + "-" * 28 + "+" + "-" * 69 + "+"
-    term.press(b"\x03")
-    assert term.finish() == 0
-
-
-@pytest.mark.beaver_only
-def test_dashboard_honours_no_color(project, terminal):
-    term = terminal(env={"NO_COLOR": "1"})
-    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
-    assert project.mod.add.delay(1, 2).join(timeout=10) == 3
-    term.wait_screen(lambda text: stat(text, "Total Done") == "1" and "SUCCESS" in text,
-                     "the finished task")
-    term.press(b"\x03")
-    assert term.finish() == 0
-    assert not SGR.search(term.output())
-
-
-@pytest.mark.beaver_only
-def test_interactive_without_a_terminal_says_so_and_logs_plainly(project):
-    proc = project.start("-i")  # stdout is a file
-    assert project.mod.add.delay(2, 3).join(timeout=10) == 5
-    wait_for(lambda: "finished successfully" in project.output(proc)[1], what="a task log line")
-    code, out, err = project.stop(proc)
-    assert code == 0 and out == ""
-    said = [line for line in err.splitlines() if "terminal" in line]
-    assert len(said) == 1 and "stdout is not a terminal: no dashboard, plain logs" in said[0]
-    assert "\x1b[" not in err
-
-
-class _CrashingWorker:
-    """Just what the dashboard reads; its first count fails, then run() crashes."""
-
-    state = "Running"
-    problem = None
-
-    def __init__(self, out):
-        self.manager, self.out, self.reads = self, out, 0
-
-    def counts(self):
-        self.reads += 1
-        if self.reads == 1:
-            raise sqlite3.OperationalError("database is locked")
-        return dict.fromkeys(castor.STATUSES, 0)
-
-    def tasks(self, status=None, limit=50):
-        return []
-
-    def busy(self):
-        return {"thread": (0, 2), "process": (0, 1)}
-
-    def run(self):
-        wait_for(lambda: b"Total Done" in self.out.buffer.getvalue(), timeout=5, what="a frame")
-        raise RuntimeError("the worker crashed")
-
-
-def test_dashboard_survives_a_bad_frame_and_restores_everything_on_a_crash(monkeypatch):
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
-    monkeypatch.setattr(sys, "stdout", out)
-    handler = logging.StreamHandler(io.StringIO())
-    castor.logger.addHandler(handler)
-    winch = signal.getsignal(signal.SIGWINCH)
-    try:
-        with pytest.raises(RuntimeError, match="the worker crashed"):
-            dash._run_dashboard(_CrashingWorker(out), "app:manager", handler)
-        assert handler in castor.logger.handlers
-        assert not [h for h in castor.logger.handlers if isinstance(h, dash._LogTail)]
-    finally:
-        castor.logger.removeHandler(handler)
-    assert out.buffer.getvalue().endswith(RESTORE)
-    assert signal.getsignal(signal.SIGWINCH) is winch
-    assert handler.stream.getvalue() == ""  # the logs went to the panel meanwhile
-
-
-def _view(**changes):
-    now = 1_700_000_000.0
-    iso = castor._iso
-    doc = {"id": "c4a3f2b1-0000", "status": "success", "task_name": "tasks.process_payment",
-           "started_at": iso(now - 2), "finished_at": iso(now - 0.98)}
-    view = {"version": "1.0", "target": "main:manager", "state": "Running",
-            "busy": {"thread": (7, 8), "process": (3, 4)},
-            "counts": {"pending": 12, "running": 10, "success": 1234, "failed": 3, "cancelled": 0},
-            "rate": 2.5, "now": now, "logs": [(now, "INFO", "Task c4a3f2b1 finished successfully")],
-            "tasks": [doc, {**doc, "id": "d5b4c3a2", "status": "running", "finished_at": None,
-                            "task_name": "tasks.complex_calculation_with_a_very_long_name"},
-                      {**doc, "id": "e6c5d4b3", "status": "pending", "started_at": None}] * 5}
-    view.update(changes)
-    return view
-
-
-def _visible(line):
-    return dash._width(SGR.sub(b"", line.encode()).decode())
-
-
-@pytest.mark.beaver_only
-@pytest.mark.parametrize("cols, rows", [(80, 24), (81, 25), (132, 50), (40, 12), (12, 3), (5, 2)])
-def test_dashboard_frame_fits_any_size(cols, rows):
-    lines = dash._render(_view(), dash._Layout(cols, rows), True)
-    assert len(dash._frame(lines, rows).split("\r\n")) <= rows
-    assert all(_visible(line) == cols for line in lines)
-
-
-def test_dashboard_render_at_80x24():
-    lines = [SGR.sub(b"", line.encode()).decode() for line in
-             dash._render(_view(), dash._Layout(80, 24), True)]
-    assert len(lines) == 24
-    assert lines[0].rstrip() == " C Λ S T O R v1.0 | Manager: main:manager | Status: Running"
-    assert "| Process Tasks: 3 / 4" in lines[4] and "| Thread Tasks:  7 / 8" in lines[5]
-    assert "| Async Tasks:   0 / 0" in lines[6]
-    assert "Total Done:    1,234" in lines[8] and "Rate:          2.5 tasks/s" in lines[10]
-    assert lines[4].endswith("| c4a3f2b1 SUCCESS   process_payment        1.02s |")
-    assert lines[5].endswith("| d5b4c3a2 RUNNING   complex_calculation…   2.00s |")
-    assert lines[6].endswith("| e6c5d4b3 PENDING   process_payment              |")
-    assert re.match(r"\| \d\d:\d\d:\d\d INFO    Task c4a3f2b1 finished successfully +\|$",
-                    lines[-2])
-
-
-def test_dashboard_without_colour_writes_no_escape_codes():
-    lines = dash._render(_view(state="Stopping"), dash._Layout(80, 24), False)
-    assert not any("\x1b" in line for line in lines)
-    assert "Status: Stopping…" in lines[0]
-
-
-def test_dashboard_long_target_gives_way_to_the_status():
-    lines = dash._render(_view(target="a" * 200 + ":manager"), dash._Layout(80, 24), False)
-    assert lines[0].rstrip().endswith("a… | Status: Running") and _visible(lines[0]) == 80
-    narrow = dash._render(_view(), dash._Layout(40, 12), False)
-    assert narrow[0].rstrip() == " C Λ S T O R v1.0 | Status: Running"
-
-
-def test_dashboard_fit_counts_columns_not_codes():
-    assert dash._fit([("abcdef", "")], 4, True) == "abc…"
-    assert dash._fit([("ab", "31")], 4, True) == "\x1b[31mab\x1b[0m  "
-    two = "\x1b[31mab\x1b[0m\x1b[1mc\x1b[0m…"
-    assert dash._fit([("ab", "31"), ("cdef", "1")], 4, True) == two
-    assert dash._fit([("日本語", "")], 5, False) == "日本…"
-    assert dash._fit([("日本語x", "")], 6, False) == "日本… "
-    assert dash._fit([("a\x1b[2Jb\nc", "")], 10, False) == "a [2Jb c  "
-
-
-def test_dashboard_rate_over_a_window():
-    rate = dash._Rate(window=10)
-    assert rate.update(100.0, 0) == 0.0
-    assert rate.update(101.0, 5) == 5.0
-    assert rate.update(105.0, 25) == 5.0
-    assert rate.update(120.0, 25) == pytest.approx(0.0)  # idle for more than the window
-    assert rate.update(121.0, 15) == 0.0  # pruned: never negative
-
-
-def test_dashboard_latest_tasks_show_running_ones_first(project):
-    mod = project.mod
-    handles = [mod.add.delay(i, i) for i in range(6)]
-    store = project.manager._store
-    # as a worker would have claimed it
-    claimed = store.exchange("w1", [], {}, {"thread": (1, 1)}, {}, time.time()).claimed["thread"]
-    assert len(claimed) == 1 and claimed[0][0]["id"] == handles[0].id
-    shown = [doc["id"] for doc in dash._latest(project.manager, 4)]
-    assert shown == [handles[0].id] + [h.id for h in handles[:1:-1]][:3]
-
-
-def test_dashboard_durations():
-    iso, now = castor._iso, 1_700_000_000.0
-    doc = {"status": "success", "started_at": iso(now - 4000), "finished_at": iso(now)}
-    assert dash._duration(doc, now) == "1h06m"
-    assert dash._duration({**doc, "started_at": iso(now - 75)}, now) == "1m15s"
-    assert dash._duration({**doc, "status": "running", "finished_at": None,
-                           "started_at": iso(now - 1.5)}, now) == "1.50s"
-    assert dash._duration({"status": "pending", "started_at": None}, now) == ""
-
-
-# Faults found in review #######################################################
-
-REVIEW = '''
-class Unprintable(Exception):
-    def __str__(self):
-        raise RuntimeError("no str for you")
-
-
-@manager.task(mode="thread")
-def raises_unprintable():
-    raise Unprintable()
-
-
-@manager.task(mode="process", timeout=1.0)
-def spawns_and_hangs():
-    import subprocess
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    mark(str(child.pid))
-    time.sleep(60)
-'''
-
-
-@pytest.mark.beaver_only
-def test_exception_that_cannot_print_still_fails_the_task(make_project):
-    proj = make_project(REVIEW)
-    worker = proj.start("--workers", "1", "--threads", "1")
-    handle = proj.mod.raises_unprintable.delay()
-    with pytest.raises(proj.mod.Unprintable):
-        handle.join(timeout=20)
-    assert handle.info()["exception"]["message"] == "<unprintable Unprintable>"
-    assert proj.mod.add.delay(1, 1).join(timeout=20) == 2  # its one thread is back
-    assert proj.stop(worker)[0] == 0
-
-
-@pytest.mark.beaver_only
-def test_timeout_kills_what_the_process_task_started(make_project):
-    proj = make_project(REVIEW)
-    proj.start("--workers", "1")
-    with pytest.raises(TimeoutError):
-        proj.mod.spawns_and_hangs.delay().join(timeout=30)
-    grandchild = int(proj.labels()[0])
-    wait_for(lambda: not alive(grandchild), timeout=5, what="the grandchild gone")
-
-
-@pytest.mark.beaver_only
-def test_task_enqueued_as_process_but_registered_as_thread(make_project):
-    """A deploy changed a task's mode: the worker runs it in its own pool."""
-    proj = make_project('''
-@manager.task(mode=os.environ.get("CASTOR_TEST_MODE", "thread"))
-def switched():
-    return os.getpid()
-''')
-    os.environ["CASTOR_TEST_MODE"] = "process"
-    try:
-        handle = proj.mod.switched.delay()
-    finally:
-        del os.environ["CASTOR_TEST_MODE"]
-    assert handle.info()["mode"] == "process"
-    worker = proj.start("--workers", "1")  # a thread-only worker: no process pool
-    assert handle.join(timeout=20) == worker.pid
-    assert proj.stop(worker)[0] == 0
-
-
-@pytest.mark.beaver_only
-def test_unreasonable_durations_are_refused(project):
-    for bad in (float("inf"), float("nan"), 1e12, -1):
-        with pytest.raises(ValueError):
-            project.manager.task(mode="thread", retry_delay=bad)
-        with pytest.raises(ValueError):
-            project.mod.add.schedule((1, 2), delay=bad)
-
-
-def test_a_live_worker_is_not_buried_after_a_stall():
-    """Judged by heartbeats seen move, not by wall time alone: after the file
-    was locked for a while, nobody's heartbeat is fresh, and the first worker
-    through must not take the others for dead."""
-    observed, now = {}, 1_700_000_000.0
-    other = {"id": "other", "pid": 1, "host": "elsewhere", "beat": now - 60, "age": 60.0}
-    dead = castor._dead_workers
-    assert dead([other], "me", observed, 0, now) == {}  # first sight: not dead yet
-    assert dead([other], "me", observed, 9, now + 9) == {}
-    moved = dict(other, beat=now + 9.5, age=60.0)  # it beat meanwhile: alive
-    assert dead([moved], "me", observed, 10, now + 10) == {}
-    assert dead([moved], "me", observed, 19, now + 19) == {}
-    # ten of our beats while its heartbeat stood still, and old by the clock
-    assert dead([moved], "me", observed, 20, now + 20) == {"other": now + 9.5}
-    assert dead([dict(moved, age=5.0)], "me", observed, 30, now + 30) == {}
-    assert dead([], "me", observed, 31, now + 31) == {} and observed == {}
-
-
-def test_reaping_gives_a_dead_workers_task_back(project):
-    store = project.manager._store
-    handle = project.mod.add.delay(1, 2)
-    now = time.time()
-    store.register("other", {}, now)
-    claimed = store.exchange("other", [], {}, {"thread": (1, 1)}, {}, now).claimed["thread"]
-    assert [doc["id"] for doc, _ in claimed] == [handle.id] and handle.status() == "running"
-    (beat,) = [w["beat"] for w in store.workers() if w["id"] == "other"]  # the store's clock
-    assert store.reap({"other": beat - 1}, now, castor._lost) == []  # it beat since: alive
-    assert handle.status() == "running"
-    docs = store.reap({"other": beat}, now, castor._lost)
-    assert [doc["id"] for doc in docs] == [handle.id]
-    assert handle.status() == "pending" and handle.info()["losses"] == 1
-    assert store.workers() == []
-
-
-@pytest.mark.beaver_only
-def test_pool_children_cannot_start_workers(project):
-    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import castor, "
-              f"{project.module} as m\n"
-              "try:\n    castor.Worker(m.manager).run()\n"
-              "except castor.CastorError as e:\n    print('refused:', e)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=dict(os.environ, CASTOR_POOL_CHILD="1"), timeout=60)
-    assert "refused:" in done.stdout and "__main__" in done.stdout, done.stderr
-    assert project.worker_rows() == 0
-
-
-def test_symlinked_database_path_is_resolved(tmp_path):
-    real = tmp_path / "real"
-    real.mkdir()
-    link = tmp_path / "link"
-    link.symlink_to(real)
-    db = BeaverDB(str(link / "tasks.db"))
-    try:
-        assert Manager(db).path == str(real / "tasks.db")
-    finally:
-        db.close()
-
-
-def test_worker_inside_a_program_stops_cleanly(project):
-    others = children_of(os.getpid())  # a browser or a server of another test, maybe
-    worker = castor.Worker(project.manager, workers=1, threads=2)
-    runner = threading.Thread(target=worker.run)
-    runner.start()
-    try:
-        assert project.mod.add.delay(2, 2).join(timeout=20) == 4
-        assert project.mod.process_pid.delay().join(timeout=60) != os.getpid()
-    finally:
-        worker.stop()
-        runner.join(timeout=30)
-    assert not runner.is_alive() and worker.state == "Stopped"
-    assert project.worker_rows() == 0
-    wait_for(lambda: children_of(os.getpid()) <= others, timeout=10, what="no child left")
-
-
-def _cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def test_scheduled_task_claimed_with_a_ready_one_still_runs_on_time(project):
-    worker = project.start("--workers", "1")
-    mod = project.mod
-    for _ in range(3):
-        later = mod.add.schedule((1, 1), delay=0.8)
-        now = mod.add.delay(2, 2)  # seen in the same look as the scheduled one
-        assert now.join(timeout=10) == 4
-        assert later.join(timeout=5) == 2
-        doc = later.info()
-        lag = castor._parse_iso(doc["started_at"]) - castor._parse_iso(doc["enqueued_at"])
-        assert 0.8 <= lag < 1.3, lag
-    assert worker.poll() is None
-
-
-@pytest.mark.beaver_only
-def test_a_full_pool_waits_without_spinning(project):
-    worker = project.start("--workers", "1", "--threads", "1")
-    mod = project.mod
-    scheduled = mod.sleepy.schedule((2.5,), delay=0.3)
-    wait_for(lambda: scheduled.status() == "running", what="the scheduled task running")
-    before = _cpu_seconds(worker.pid)
-    time.sleep(1.0)  # measuring: the worker must be asleep while its one thread works
-    assert _cpu_seconds(worker.pid) - before < 0.2
-    assert scheduled.join(timeout=10) == 2.5
-
-
-@pytest.mark.beaver_only
-def test_document_with_nan_written_through_beaver_fails_alone(project):
-    mod = project.mod
-    handles = [mod.add.delay(i, i) for i in range(3)]
-    docs = mod.db.dict("castor_tasks")
-    docs[handles[1].id] = dict(docs[handles[1].id], note=float("nan"))
-    worker = project.start("--workers", "1")
-    assert handles[0].join(timeout=20) == 0 and handles[2].join(timeout=20) == 4
-    with pytest.raises(TaskError, match="corrupt"):
-        handles[1].join(timeout=20)
-    assert project.stop(worker)[0] == 0

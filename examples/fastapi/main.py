@@ -15,7 +15,7 @@ manager = castor.Manager(db)
 app = FastAPI()
 
 # Import task definitions AFTER manager is created to ensure they register
-from tasks import complex_calculation
+from tasks import complex_calculation, fetch_status
 
 # --- API Models and Endpoints ---
 class TaskResponse(BaseModel):
@@ -47,3 +47,17 @@ async def get_task_status(task_id: str):
             result = f"Task failed: {str(e)}"
 
     return TaskResponse(task_id=task_handle.id, status=status, result=result)
+
+
+# --- Beyond the design plan: an async task, awaited without blocking ---
+class PingResponse(BaseModel):
+    task_id: str
+    result: dict
+
+
+@app.post("/ping", response_model=PingResponse)
+async def ping_endpoint(url: str = "https://example.com/health"):
+    """ Runs an async task on the worker's event loop and awaits its result. """
+    task_handle = fetch_status.delay(url)
+    result = await task_handle.resolve(timeout=10)
+    return PingResponse(task_id=task_handle.id, result=result)
