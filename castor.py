@@ -2130,21 +2130,34 @@ CREATE TABLE IF NOT EXISTS castor_workers (
     heartbeat double precision NOT NULL,
     info jsonb
 );
-CREATE TABLE IF NOT EXISTS castor_stats (status text PRIMARY KEY, n bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS castor_stats (
+    status text NOT NULL,
+    shard integer NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (status, shard)
+);
 CREATE TABLE IF NOT EXISTS castor_periodic (
     name text PRIMARY KEY,
     next_run double precision NOT NULL
 )
 """
 
+#: New tasks, their documents sent as one JSON array: one text parameter is
+#: far cheaper for the driver than an array of documents, escaped one by one.
 _PG_ADD = f"""
 INSERT INTO castor_tasks (id, name, mode, status, priority, eta, unique_key, doc)
-SELECT v.id, v.name, v.mode, 'pending', v.priority, {_PG_NOW} + v.delay, v.unique_key, v.doc
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::float8[], %s::text[],
-            %s::jsonb[]) AS v(id, name, mode, priority, delay, unique_key, doc)
+SELECT d ->> 'id', d ->> 'task_name', d ->> 'mode', 'pending', (d ->> 'priority')::int,
+       {_PG_NOW} + v.delay, v.unique_key, d
+FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(d, i)
+JOIN unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS v(delay, unique_key, i) USING (i)
 ON CONFLICT DO NOTHING"""
-_PG_BUMP = ("INSERT INTO castor_stats (status, n) VALUES (%s, %s) "
-            "ON CONFLICT (status) DO UPDATE SET n = castor_stats.n + excluded.n")
+#: Finished counts are kept in PG_STAT_SHARDS rows a status, summed when read:
+#: workers that record at the same time bump different rows, so they never
+#: wait for each other's commit on one hot counter row.
+PG_STAT_SHARDS = 16
+
+_PG_BUMP = ("INSERT INTO castor_stats (status, shard, n) VALUES (%s, %s, %s) "
+            "ON CONFLICT (status, shard) DO UPDATE SET n = castor_stats.n + excluded.n")
 
 #: A claim: due rows nobody else holds, marked running for this worker, their
 #: documents rewritten in the same statement.
@@ -2166,13 +2179,28 @@ _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 
 #: Outcomes recorded in one statement, fenced by worker and lease.
 _PG_RECORD = f"""
-UPDATE castor_tasks t SET status = v.status, doc = v.doc::jsonb,
-    finished = CASE WHEN v.status = 'pending' THEN NULL ELSE {_PG_NOW} END,
-    eta = CASE WHEN v.status = 'pending' THEN {_PG_NOW} + v.delay ELSE t.eta END
-FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::float8[])
-    AS v(id, status, lease, doc, delay)
-WHERE t.id = v.id AND t.worker = %s AND t.lease = v.lease AND t.status = 'running'
-RETURNING t.id"""
+WITH v AS (
+    SELECT * FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(doc, i)
+    JOIN unnest(%s::text[], %s::text[], %s::int[], %s::float8[]) WITH ORDINALITY
+        AS o(id, status, lease, delay, i) USING (i)
+), recorded AS (
+    UPDATE castor_tasks t SET status = v.status, doc = v.doc,
+        finished = CASE WHEN v.status = 'pending' THEN NULL ELSE {_PG_NOW} END,
+        eta = CASE WHEN v.status = 'pending' THEN {_PG_NOW} + v.delay ELSE t.eta END
+    FROM v WHERE t.id = v.id AND t.worker = %s AND t.lease = v.lease AND t.status = 'running'
+    RETURNING t.id, v.status
+), counted AS (  -- in status order, as every bump: no deadlock between workers
+    INSERT INTO castor_stats (status, shard, n)
+    SELECT status, %s, count(*) FROM recorded WHERE status <> 'pending' GROUP BY status
+    ORDER BY status
+    ON CONFLICT (status, shard) DO UPDATE SET n = castor_stats.n + excluded.n
+)
+SELECT id FROM recorded"""
+
+_PG_PROGRESS = ("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', %s::jsonb) "
+                "WHERE id = %s AND status = 'running'")
+_PG_NEXT_ETA = (f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE status = 'pending' "
+                "AND mode = %s")
 
 
 class _PgConnections(_Store):
@@ -2217,16 +2245,21 @@ class _PgConnections(_Store):
                 conn.execute(statement)
         self._schema_ready = True
 
-    def _do(self, work, wait=True):
+    def _do(self, work, wait=True, pipeline=False):
         """Run ``work(cursor)`` in a transaction. Connection trouble is retried
         for up to PG_OUTAGE_WAIT when ``wait`` (the work must be safe to
-        repeat); in the end any error leaves as StoreError."""
+        repeat); in the end any error leaves as StoreError. With ``pipeline``,
+        statements go out without waiting for each other's answers (psycopg's
+        pipeline mode): a transaction that reads nothing back before its end
+        costs one round trip to the server instead of one a statement."""
         psycopg = self.psycopg
         deadline = time.monotonic() + (PG_OUTAGE_WAIT if wait else 0.0)
         pause = 0.05
         while True:
             try:
-                with self._pool.connection() as conn, conn.transaction():
+                with self._pool.connection() as conn, (
+                        conn.pipeline() if pipeline else contextlib.nullcontext()), \
+                        conn.transaction():
                     return work(conn.cursor())
             except psycopg.OperationalError as exc:  # down, unreachable, restarted
                 if time.monotonic() + pause > deadline:
@@ -2256,8 +2289,7 @@ class _PgTasks(_PgConnections):
     def enqueue(self, new):
         for item in new:
             _pg_check_storable(item.raw, f"the arguments of {item.doc['task_name']}")
-        ids = self._do(lambda cur: self._add(cur, new))
-        return ids
+        return self._do(lambda cur: self._add(cur, new), pipeline=True)
 
     def _add(self, cur, new):
         """Insert the new tasks; an id already there (a retried commit) stays as is."""
@@ -2316,7 +2348,8 @@ class _PgTasks(_PgConnections):
             for status in ("pending", "running"):  # small partial indexes
                 counts[status] = cur.execute("SELECT count(*) FROM castor_tasks WHERE "
                                              "status = %s", (status,)).fetchone()[0]
-            counts.update(cur.execute("SELECT status, n FROM castor_stats").fetchall())
+            counts.update(cur.execute("SELECT status, sum(n)::bigint FROM castor_stats "
+                                      "GROUP BY status").fetchall())
             return counts
         return self._do(work)
 
@@ -2384,35 +2417,41 @@ class _PostgresStore(_PgTasks):
 
     def exchange(self, worker_id, outcomes, progress, wants, limits, now):
         def work(cur):
-            done = _Exchange()
-            self._record(cur, worker_id, outcomes, done)
+            conn, done = cur.connection, _Exchange()
+            # Everything goes out before anything is read back: one round trip.
+            recorded = self._send_record(conn, worker_id, outcomes)
             for task_id, report in progress.items():
-                cur.execute("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', "
-                            "%s::jsonb) WHERE id = %s AND status = 'running'",
-                            (_dumps(report), task_id))
-            for mode, (n, idle) in wants.items():
-                done.claimed[mode] = claimed = self._claim(cur, worker_id, mode, n, idle,
-                                                           limits, now)
-                if len(claimed) < n:
-                    done.idle[mode] = self._next_eta(cur, mode)
-            _pg_bump(cur, collections.Counter(
-                o.doc["status"] for o in done.recorded if o.retry_at is None))
+                conn.execute(_PG_PROGRESS, (_dumps(report), task_id))
+            claims = {mode: self._send_claim(conn, worker_id, mode, n, idle, limits, now)
+                      for mode, (n, idle) in wants.items()}
+            etas = {mode: conn.execute(_PG_NEXT_ETA, (mode,)) for mode in wants}
+            self._sort_outcomes(cur, worker_id, outcomes, recorded, done)
+            for mode, (n, _) in wants.items():
+                done.claimed[mode] = _pg_claimed(claims[mode].fetchall(), worker_id, now)
+                if len(done.claimed[mode]) < n:
+                    done.idle[mode] = _pg_local_time(etas[mode].fetchone()[0])
             return done
-        return self._do(work, wait=False)
+        return self._do(work, wait=False, pipeline=True)
 
-    def _record(self, cur, worker_id, outcomes, done):
+    def _send_record(self, conn, worker_id, outcomes):
+        """Send the fenced update of the outcomes (and their counts); its cursor."""
         if not outcomes:
-            return
+            return None
         clock = time.time()
         for outcome in outcomes:
             _pg_storable_outcome(outcome)
-        rows = cur.execute(_PG_RECORD, (
-            [o.doc["id"] for o in outcomes],
+        return conn.execute(_PG_RECORD, (
+            "[" + ",".join(o.raw for o in outcomes) + "]", [o.doc["id"] for o in outcomes],
             [o.doc["status"] if o.retry_at is None else "pending" for o in outcomes],
-            [o.lease for o in outcomes], [o.raw for o in outcomes],
+            [o.lease for o in outcomes],
             [0.0 if o.retry_at is None else o.retry_at - clock for o in outcomes],
-            worker_id)).fetchall()
-        held = {task_id for (task_id,) in rows}
+            worker_id, _pg_shard(worker_id)))
+
+    def _sort_outcomes(self, cur, worker_id, outcomes, recorded, done):
+        """Recorded or refused (their lease moved on), from the update's answer."""
+        if recorded is None:
+            return
+        held = {task_id for (task_id,) in recorded.fetchall()}
         held |= self._recorded_before(cur, worker_id, [o for o in outcomes if o.doc["id"]
                                                        not in held])
         for outcome in outcomes:
@@ -2429,16 +2468,15 @@ class _PostgresStore(_PgTasks):
         return {o.doc["id"] for o in outcomes if (
             o.doc["id"], o.lease, o.doc["status"] if o.retry_at is None else "pending") in mine}
 
-    def _claim(self, cur, worker_id, mode, n, idle, limits, now):
+    def _send_claim(self, conn, worker_id, mode, n, idle, limits, now):
+        """Send the claim of up to ``n`` due tasks of ``mode``; its cursor."""
         if limits:
-            seqs = self._pick_limited(cur, mode, n, idle, limits)
+            seqs = self._pick_limited(conn.cursor(), mode, n, idle, limits)
             where, params = "seq = ANY(%s)", [seqs]
         else:
             where, params = _PG_READY, [mode]
-        rows = cur.execute(_PG_CLAIM.format(where=where),
-                           (*params, n, worker_id, _iso(now), worker_id)).fetchall()
-        return [(_claimed_doc(task_id, doc, worker_id, now), lease)
-                for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
+        return conn.execute(_PG_CLAIM.format(where=where),
+                            (*params, n, worker_id, _iso(now), worker_id))
 
     def _pick_limited(self, cur, mode, n, idle, limits):
         """As _SqliteStore._pick_limited; the advisory locks make workers
@@ -2455,11 +2493,6 @@ class _PostgresStore(_PgTasks):
                 "AND NOT (seq = ANY(%s)) ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED",
                 (mode, full, picked, k)).fetchall()
         return room.pick(n, due)
-
-    def _next_eta(self, cur, mode):
-        row = cur.execute(f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE "
-                          "status = 'pending' AND mode = %s", (mode,)).fetchone()
-        return None if row[0] is None else time.time() + row[0]
 
     def cancel_requests(self, worker_id):
         rows = self._do(lambda cur: cur.execute(
@@ -2568,10 +2601,20 @@ def _pg_name(params):
 
 
 def _pg_columns(new, clock):
-    """The arrays of one multi-row insert."""
-    return ([item.doc["id"] for item in new], [item.doc["task_name"] for item in new],
-            [item.doc["mode"] for item in new], [item.doc["priority"] for item in new], [item.eta - clock for item in new],
-            [item.unique_key for item in new], [item.raw for item in new])
+    """The parameters of one multi-row insert."""
+    return ("[" + ",".join(item.raw for item in new) + "]",
+            [item.eta - clock for item in new], [item.unique_key for item in new])
+
+
+def _pg_claimed(rows, worker_id, now):
+    """[(doc, lease)] of a claim's rows, in queue order (RETURNING has none)."""
+    return [(_claimed_doc(task_id, doc, worker_id, now), lease)
+            for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
+
+
+def _pg_local_time(left):
+    """A due time the server gave as seconds from its now, on our clock."""
+    return None if left is None else time.time() + left
 
 
 def _pg_check_storable(raw, where):
@@ -2592,9 +2635,15 @@ def _pg_storable_outcome(outcome):
 
 
 def _pg_bump(cur, counter, sign=1):
+    shard = random.randrange(PG_STAT_SHARDS)
     for status in sorted(counter):  # one order for all: no deadlock between workers
         if counter[status]:
-            cur.execute(_PG_BUMP, (status, sign * counter[status]))
+            cur.execute(_PG_BUMP, (status, shard, sign * counter[status]))
+
+
+def _pg_shard(worker_id):
+    """A worker's own counter row (see PG_STAT_SHARDS)."""
+    return sum(worker_id.encode()) % PG_STAT_SHARDS
 
 
 class _PgPool:

@@ -115,6 +115,7 @@ import hashlib
 import importlib
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -370,7 +371,8 @@ def wait_until(predicate, timeout, what, worker=None, poll=0.05):
         if worker is not None:
             worker.check_alive()
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+            tail = f"; {worker.label}'s log ends:\n{worker.log_tail(5)}" if worker else ""
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}{tail}")
         time.sleep(poll)
 
 
@@ -529,7 +531,8 @@ def measure_drains(side, n, repeats):
 
 
 def measure_latency_and_idle(side, n, idle_seconds, warmups=5):
-    """Round trips against an idle running worker, then its idle CPU."""
+    """Round trips against an idle running worker, then its idle CPU:
+    (p50, p99, CPU % of a core, slowest round trip)."""
     with side.worker() as worker:
         deadline = time.monotonic() + 60
         while True:  # the first round trip waits for the worker to be up
@@ -553,7 +556,8 @@ def measure_latency_and_idle(side, n, idle_seconds, warmups=5):
         time.sleep(idle_seconds)
         worker.check_alive()
         cpu1, t1 = tree_cpu_seconds(worker.pid), time.monotonic()
-    return percentile(latencies, 50), percentile(latencies, 99), 100.0 * (cpu1 - cpu0) / (t1 - t0)
+    return (percentile(latencies, 50), percentile(latencies, 99),
+            100.0 * (cpu1 - cpu0) / (t1 - t0), max(latencies))
 
 
 def percentile(values, p):
@@ -706,11 +710,10 @@ def run_producers(side, count, n, timeout=120.0):
 
 def wait_for_line(proc, expected, deadline):
     """Read one line from ``proc``'s stdout before ``deadline``; it must be ``expected``."""
-    import select
     ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
     line = proc.stdout.readline().strip() if ready else "(nothing: timed out)"
     if line != expected:
-        raise BenchError(f"producer {proc.pid} said {line!r}, not {expected!r} "
+        raise BenchError(f"process {proc.pid} said {line!r}, not {expected!r} "
                          f"(exit status {proc.poll()})")
 
 
@@ -958,8 +961,9 @@ def rows_latency(results, cfg, notes):
     if not results.get("latency"):
         return [error_row("4", "latency", f"<= {TARGET_LATENCY:g}x"),
                 error_row("5", "idle CPU", f"< {TARGET_IDLE:g}%")]
-    (cp50, cp99, ccpu), (hp50, hp99, hcpu) = results["latency"]
+    (cp50, cp99, ccpu, cmax), (hp50, hp99, hcpu, hmax) = results["latency"]
     x = ratio(cp50, hp50)
+    notes.append(f"row 4 slowest round trip: castor {fmt_ms(cmax)}, huey {fmt_ms(hmax)}")
     notes.append(f"row 5 resolution: one clock tick (1/{os.sysconf('SC_CLK_TCK')} s) over "
                  f"{cfg['idle']:g}s is {100 / os.sysconf('SC_CLK_TCK') / cfg['idle']:.2f}% "
                  "of a core")

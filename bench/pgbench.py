@@ -274,7 +274,7 @@ def castor_drain(server, root, tag, n):
                                                        flags=CASTOR_PG_FLAGS))
                        for i in range(DRAIN_WORKERS)]
             bench.wait_until(lambda: all_alive(workers) and side.finished() >= n,
-                             max(60.0, n / 20), f"castor draining {n}", poll=0.05)
+                             max(60.0, n / 20), f"castor draining {n}", workers[0], poll=0.05)
             wall = time.monotonic() - workers[0].started
         wal = [b - a for a, b in zip(wal0, server.wal())]
         stamps = side.stamps(n)
@@ -417,7 +417,7 @@ def pgq_drain(server, root, tag, n):
                    for i in range(DRAIN_WORKERS)]
         left = lambda: conn.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]  # noqa: E731
         bench.wait_until(lambda: all_alive(workers) and left() == 0, max(60.0, n / 20),
-                         f"PgQueuer draining {n}", poll=0.05)
+                         f"PgQueuer draining {n}", workers[0], poll=0.05)
         wall = time.monotonic() - workers[0].started
     wal = [b - a for a, b in zip(wal0, server.wal())]
     stamps = []  # the workers wrote them on their graceful stop
@@ -508,7 +508,8 @@ def first_answer(round_trip, worker, what):
             return round_trip(5)
         except Exception as exc:
             if time.monotonic() > deadline:
-                raise BenchError(f"{what} worker never answered: {exc!r}") from None
+                raise BenchError(f"{what} worker never answered: {exc!r}; its log ends:\n"
+                                 f"{worker.log_tail(5)}") from None
 
 
 def timed(fn):
