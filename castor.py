@@ -125,6 +125,9 @@ IDLE_POLL = 0.002
 #: SQLite busy timeout: a file write-locked by someone else is waited for.
 BUSY_TIMEOUT = 60.0
 
+#: After a write, how long a worker's checkpoint thread lets more gather.
+CHECKPOINT_DELAY = 0.2
+
 #: How long the CLI keeps retrying to import the app while a brand-new
 #: database file is "locked" by another process switching it to WAL.
 OPEN_RETRY_TIMEOUT = 30.0
@@ -280,6 +283,10 @@ class Manager:
         return [{"name": task.name, "schedule": task.schedule_text(),
                  "next_run": _iso(due[task.name]) if task.name in due else None}
                 for task in self._tasks.values() if task.periodic]
+
+    def close(self):
+        """Let go of the store's connections (they open again if used)."""
+        self._store.close()
 
     def wsgi_app(self, *, auth=None):
         """The web view as a WSGI application (see ``castor web``)."""
@@ -1213,6 +1220,10 @@ class _Store:
     #: What logs, screens and errors call this store: never a password.
     name = "store"
 
+    #: Tasks a worker claims per thread: one running, the rest waiting behind
+    #: it. More when a commit costs more, so a drain needs fewer of them.
+    claim_ahead = 2
+
     # Application side ---------------------------------------------------------
 
     def enqueue(self, new):
@@ -1563,6 +1574,7 @@ class _SqliteFile(_Store):
         self._local = threading.local()
         self._schema_ready = False
         self._identity = _file_identity(path)
+        self._checkpointer = _Checkpointer(path)
         kind = _network_fs(path, _read_text("/proc/self/mounts"))
         if kind is not None:
             logger.warning("%s is on a network file system (%s): SQLite's locking is not safe "
@@ -1591,6 +1603,8 @@ class _SqliteFile(_Store):
         # synchronous=NORMAL survive a killed process, with no fsync a commit.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA mmap_size = 268435456")
+        if self._checkpointer.running:  # a worker: its thread checkpoints, not its commits
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         if not self._schema_ready:
             self._create_schema(conn)
         return conn
@@ -1614,6 +1628,7 @@ class _SqliteFile(_Store):
         try:
             yield conn
             conn.execute("COMMIT")
+            self._checkpointer.poke()
         except BaseException:
             if conn.in_transaction:  # also after a failed COMMIT (disk full...)
                 conn.execute("ROLLBACK")
@@ -1624,7 +1639,10 @@ class _SqliteFile(_Store):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def watch(self):
+        self._checkpointer.start()
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         return _InotifyWatch.open(os.path.dirname(self.path))
+
 
     def check(self):
         identity = _file_identity(self.path)
@@ -1952,6 +1970,44 @@ class _SqliteStore(_SqliteTasks):
         return bool(won)
 
 
+class _Checkpointer:
+    """A worker copies the WAL back into the database file in a thread of its
+    own, a moment after writes, so that no commit of its has to. Without it,
+    SQLite checkpoints inside whichever commit takes the WAL past 1,000 pages,
+    fsyncs included; with a worker running, an application's .delay() almost
+    never has to either. A checkpoint (PASSIVE: it waits for nobody) takes the
+    checkpoint lock, not the write lock, so writes go on while it runs."""
+
+    def __init__(self, path):
+        self.path, self._wanted, self._pid = path, threading.Event(), None
+
+    @property
+    def running(self):
+        return self._pid == os.getpid()
+
+    def start(self):
+        if not self.running:  # not across fork(): a thread of this process's own
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="castor-checkpoint", daemon=True).start()
+
+    def poke(self):
+        """Something was written: checkpoint soon (if this process checkpoints)."""
+        if self.running and not self._wanted.is_set():
+            self._wanted.set()
+
+    def _run(self):
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        while True:
+            self._wanted.wait()
+            time.sleep(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
+            self._wanted.clear()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:  # the next write pokes again; the net is autocheckpoint
+                logger.debug("checkpoint of %s failed", self.path, exc_info=True)
+
+
 def _begin_immediate(conn):
     """BEGIN IMMEDIATE, waiting for another process's write lock in short,
     jittered steps for up to BUSY_TIMEOUT.
@@ -1976,7 +2032,7 @@ def _begin_immediate(conn):
                 if time.monotonic() > deadline:
                     raise
             time.sleep(pause * random.uniform(0.5, 1.5))
-            pause = min(pause * 1.5, 0.002)
+            pause = min(pause * 1.5, 0.0005)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
@@ -2206,6 +2262,10 @@ _PG_NEXT_ETA = (f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE status = '
 class _PgConnections(_Store):
     """A PostgreSQL server: castor's connections to it, its schema, and
     transactions that ride out a server gone for a moment."""
+
+    #: A commit here is a network round trip and a WAL flush on the server:
+    #: claim further ahead, so a drain needs fewer of them (see _Store).
+    claim_ahead = 8
 
     def __init__(self, dsn):
         try:
@@ -3606,19 +3666,15 @@ class _NoPool(_Pool):
         pass  # its runs end as soon as they are submitted
 
 
-#: Tasks a worker may hold per thread: one running, the rest waiting for it.
-#: Claiming ahead halves the transactions per task while a backlog drains.
-THREAD_WINDOW = 2
-
-
 class _ThreadPool(_Pool):
     """Daemon threads, so a forced exit never waits on a hung task.
 
     Python cannot kill a thread: a run past its timeout, or a daemon run at
     shutdown, is ended at once and its thread abandoned (still counted busy)
     until the function returns; its late result is dropped. A cancel only
-    raises the task's ``cancelled`` flag (cooperative). Up to THREAD_WINDOW
-    tasks per thread are claimed; a timeout counts from a task's own start.
+    raises the task's ``cancelled`` flag (cooperative). Up to the store's
+    ``claim_ahead`` tasks per thread are claimed (fewer transactions while a
+    backlog drains); a timeout counts from a task's own start.
     """
 
     mode = "thread"
@@ -3626,6 +3682,7 @@ class _ThreadPool(_Pool):
     def __init__(self, manager, size, inbox):
         super().__init__(size, inbox)
         self.limit = manager.max_payload
+        self.window = manager._store.claim_ahead
         self.jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._runs = {}  # id -> [run, started?], until its reply is posted
@@ -3639,7 +3696,7 @@ class _ThreadPool(_Pool):
         return self._started + self._abandoned
 
     def free(self):
-        return self.size * THREAD_WINDOW - len(self._runs) - self._abandoned
+        return self.size * self.window - len(self._runs) - self._abandoned
 
     def idle_slots(self):
         return max(0, self.size - len(self._runs) - self._abandoned)
