@@ -187,6 +187,10 @@ class _StoreGone(StoreError):
     """The store's file was deleted or replaced: a worker must exit."""
 
 
+class _Unstorable(StoreError):
+    """PostgreSQL refused a value (jsonb takes no NUL and no lone surrogate)."""
+
+
 class UnknownTaskError(CastorError, KeyError):
     """No task with this id is in the store."""
 
@@ -821,7 +825,9 @@ async def _execute_async(task, args, kwargs, ctx, limit):
             raise TimeoutError(f"task exceeded its timeout of {task.timeout:g}s; "
                                "its coroutine was cancelled") from None
         return _success(task, result, limit)
-    except Exception as exc:
+    except asyncio.CancelledError:
+        raise  # the pool's to handle: castor cancelled it, or the task itself did
+    except BaseException as exc:  # a task's SystemExit must not take the loop down
         return _failure(exc)
 
 
@@ -1286,8 +1292,14 @@ class _Store:
         raise NotImplementedError
 
     def version(self):
-        """A value that changes when someone else commits; None if unknown."""
+        """A value that changes when someone else commits; None if unknown
+        (then a waiting join reads the document each time it looks)."""
         raise NotImplementedError
+
+    def news(self):
+        """For a worker's claims: a value that changes when there may be new
+        work (someone else committed, or a notification came); None if unknown."""
+        return self.version()
 
     # Worker side --------------------------------------------------------------
 
@@ -1446,13 +1458,15 @@ def _as_int(value):
 
 
 def _host_id():
-    """This machine, and its pid namespace: a pid means something only there."""
+    """This machine (its boot, as cloned machines share a hostname) and its pid
+    namespace: a pid means something only there."""
     import socket
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
+    boot = _read_text("/proc/sys/kernel/random/boot_id").strip()[:8] or "-"
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
 # Storage: the beaver file #####################################################
@@ -1992,8 +2006,8 @@ class _SqliteStore(_SqliteTasks):
             else:
                 won = conn.execute("UPDATE castor_periodic SET next_run = ? WHERE name = ? "
                                    "AND next_run = ?", (next_run, name, expected)).rowcount
-            if won and new is not None:
-                self._add(conn, [new])
+            if won and new is not None:  # a unique one still running: this slot is skipped
+                self._add_unique(conn, new)
         return bool(won)
 
 
@@ -2351,12 +2365,17 @@ class _PgConnections(_Store):
             except psycopg.OperationalError as exc:  # down, unreachable, restarted
                 if time.monotonic() + pause > deadline:
                     raise StoreError(self.explain(exc)) from None
+            except psycopg.DataError as exc:  # a value jsonb refuses
+                raise _Unstorable(self.explain(exc)) from None
             except psycopg.Error as exc:
                 raise StoreError(self.explain(exc)) from None
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 
     def version(self):
+        return None  # a result recorded sends no notification: read the document
+
+    def news(self):
         return None if self._listener is None else self._listener.version
 
     def watch(self):
@@ -2367,6 +2386,7 @@ class _PgConnections(_Store):
     def close(self):
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
         self._pool.close()
 
 
@@ -2380,8 +2400,14 @@ class _PgTasks(_PgConnections):
 
     def _add(self, cur, new):
         """Insert the new tasks; an id already there (a retried commit) stays as is."""
-        ids = [self._existing(cur, item) for item in new]
-        fresh = [item for item, task_id in zip(new, ids) if task_id is None]
+        ids, fresh, batch = [], [], {}  # batch: unique key -> its task earlier in this batch
+        for item in new:
+            task_id = batch.get(item.unique_key) or self._existing(cur, item)
+            if task_id is None:
+                fresh.append(item)
+                if item.unique_key is not None:
+                    batch[item.unique_key] = item.doc["id"]
+            ids.append(task_id)
         if fresh:
             clock = time.time()
             cur.execute(_PG_ADD, _pg_columns(fresh, clock))
@@ -2407,7 +2433,7 @@ class _PgTasks(_PgConnections):
                         f"VALUES (%s, %s, %s, %s, {_PG_NOW}, %s::jsonb) ON CONFLICT DO NOTHING",
                         (doc["id"], doc["task_name"], doc["mode"], doc["status"], raw))
             if cur.rowcount:
-                cur.execute(_PG_BUMP, (doc["status"], 1))
+                _pg_bump(cur, {doc["status"]: 1})
         self._do(work)
 
     def get(self, task_id):
@@ -2518,7 +2544,26 @@ class _PostgresStore(_PgTasks):
                 if len(done.claimed[mode]) < n:
                     done.idle[mode] = _pg_local_time(etas[mode].fetchone()[0])
             return done
-        return self._do(work, wait=False, pipeline=True)
+        try:
+            return self._do(work, wait=False, pipeline=True)
+        except _Unstorable:  # a result or report jsonb refuses: it must not block the rest
+            self._make_storable(outcomes, progress)
+            return self._do(work, wait=False, pipeline=True)
+
+    def _make_storable(self, outcomes, progress):
+        """Outcomes jsonb refuses become failures that say so; such reports go."""
+        def storable(raw):
+            try:
+                self._do(lambda cur: cur.execute("SELECT %s::jsonb", (raw,)), wait=False)
+                return True
+            except _Unstorable:
+                return False
+        for outcome in outcomes:
+            if not storable(outcome.raw):
+                _make_failed(outcome, "the result cannot be stored in PostgreSQL's JSON "
+                                      "(a lone surrogate or a NUL character in a string)")
+        for task_id in [key for key, report in progress.items() if not storable(_dumps(report))]:
+            del progress[task_id]
 
     def _send_record(self, conn, worker_id, outcomes):
         """Send the fenced update of the outcomes (and their counts); its cursor."""
@@ -2714,11 +2759,14 @@ def _pg_check_storable(raw, where):
 def _pg_storable_outcome(outcome):
     """An outcome PostgreSQL cannot store becomes a failure that can be stored."""
     if "\\u0000" in outcome.raw:
-        doc = outcome.doc
-        _finish_doc(doc, _failed("the result contains the NUL character (\\u0000), which "
-                                 "PostgreSQL cannot store in JSON"), time.time())
-        doc["result"] = None
-        outcome.raw, outcome.retry_at = _dumps(doc), None
+        _make_failed(outcome, "the result contains the NUL character (\\u0000), which "
+                              "PostgreSQL cannot store in JSON")
+
+
+def _make_failed(outcome, message):
+    doc = outcome.doc
+    _finish_doc(doc, _failed(message), time.time())
+    outcome.raw, outcome.retry_at = _dumps(doc), None
 
 
 def _pg_bump(cur, counter, sign=1):
@@ -2807,7 +2855,7 @@ class _PgListener:
         _drain(self._read)
 
     def close(self):
-        self._closed.set()
+        self._closed.set()  # its thread closes the pipe when it sees this
 
     def _listen_forever(self):
         pause = STORE_BACKOFF[0]
@@ -2820,6 +2868,9 @@ class _PgListener:
             self._wake()
             self._closed.wait(pause)
             pause = min(pause * 2, STORE_BACKOFF[1])
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _listen(self):
         with self.store.psycopg.connect(**self.store._params, autocommit=True) as conn:
@@ -2983,9 +3034,11 @@ class Worker:
         done = self.manager._store.exchange(self.id, self._unrecorded, progress, wants,
                                             self._limits, now)
         self._unrecorded = []  # outcomes stay until a commit holds them: nothing is lost
-        self._gate.update(wants, done)
-        if any(outcome.retry_at is not None for outcome in done.recorded):
-            self._gate.touch()  # a retry we just wrote may fall due before anything else
+        self._gate.update(wants, done, now)
+        if self._limits and done.recorded or any(o.retry_at is not None for o in done.recorded):
+            # Our own commit, which the store's news does not show: a retry we wrote
+            # may fall due before anything else, a limited task may fit now.
+            self._gate.touch()
         _log_outcomes(done)
         for claimed in done.claimed.values():
             for doc, lease in claimed:
@@ -3018,6 +3071,12 @@ class Worker:
 
     def _dispatch(self, doc, lease):
         """Hand a claimed task to its pool; any problem fails that task only."""
+        running = self._runs.get(doc["id"])
+        if running is not None:
+            # Taken from us as if we were dead, then claimed by us again while we
+            # still run it: the run goes on, and its result counts under the new lease.
+            running.lease, running.doc = lease, doc
+            return
         task = self.manager._tasks.get(doc.get("task_name"))
         run = _Run(doc, lease, task, time.time())
         self._runs[run.id] = run
@@ -3082,8 +3141,10 @@ class Worker:
         logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
                     sum(1 for run in self._runs.values() if not run.daemon))
         for pool in self._pools.values():
-            pool.stop_daemons([run for run in self._runs.values()
-                               if run.daemon and run.mode == pool.mode])
+            waiting = pool.stop_daemons([run for run in self._runs.values()
+                                         if run.daemon and run.mode == pool.mode])
+            for run in waiting:  # never started: back to pending when the worker leaves
+                del self._runs[run.id]
 
     def _shutdown(self, forced):
         """Leave nothing behind: children killed, outcomes kept, the rest given back."""
@@ -3421,7 +3482,7 @@ class _ClaimGate:
                 continue
             if not self.more.get(mode):
                 eta = self.next_eta.get(mode)
-                version = store.version() if version is None else version
+                version = store.news() if version is None else version
                 if version is not None and self.seen.get(mode) == version and (
                         eta is None or eta > now) and not sweep:
                     continue
@@ -3429,11 +3490,14 @@ class _ClaimGate:
             wants[mode] = (free, pool.idle_slots())
         return wants
 
-    def update(self, wants, done):
+    def update(self, wants, done, now):
         for mode, (n, _) in wants.items():
             self.more[mode] = len(done.claimed.get(mode, ())) == n
             if mode in done.idle:
-                self.next_eta[mode] = done.idle[mode]
+                eta = done.idle[mode]
+                # Due yet not taken (a concurrency limit): wait for news, not for
+                # a time already past, or the loop would spin.
+                self.next_eta[mode] = None if eta is not None and eta <= now else eta
 
     def touch(self):
         """Something changed that the store's version does not show (our own commit)."""
@@ -3646,9 +3710,12 @@ class _Pool:
         self._end_early(run, _cancelled_reply())
 
     def stop_daemons(self, runs):
-        """At shutdown: end these daemon=True runs now."""
+        """At shutdown: end these daemon=True runs now. Those that have not
+        started are given back untouched instead (returned: the worker puts
+        them back to pending): terminating a task that never ran loses it."""
         for run in runs:
             self._end_early(run, _failed(self.shutdown_message))
+        return []
 
     def _end_early(self, run, reply):
         """End a run before it finished by itself, with ``reply``."""
@@ -3723,10 +3790,27 @@ class _ThreadPool(_Pool):
         return self._started + self._abandoned
 
     def free(self):
-        return self.size * self.window - len(self._runs) - self._abandoned
+        # A thread abandoned to a hung task takes its whole window with it.
+        return max(0, self.size - self._abandoned) * self.window - len(self._runs)
 
     def idle_slots(self):
         return max(0, self.size - len(self._runs) - self._abandoned)
+
+    def stop_daemons(self, runs):
+        waiting = []
+        with self._lock:
+            for run in runs:
+                if run.id in self._runs and not self._runs[run.id][1]:
+                    del self._runs[run.id]  # its thread will find it gone and skip it
+                    waiting.append(run)
+        for run in runs:
+            if run not in waiting:
+                self._end(run, _failed(self.shutdown_message))
+        return waiting
+
+    def close(self, kill):
+        for _ in range(self.size):  # the threads between tasks exit; stuck ones are daemons
+            self.jobs.put(None)
 
     def submit(self, run):
         with self._lock:
@@ -3759,6 +3843,8 @@ class _ThreadPool(_Pool):
     def _serve(self):
         while True:
             run = self.jobs.get()
+            if run is None:
+                return
             with self._lock:
                 if run.id not in self._runs:
                     continue  # ended before it started
@@ -3824,6 +3910,8 @@ class _AsyncPool(_Pool):
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop_loop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
         self._closed.set()
 
     # On the loop ----------------------------------------------------------------
@@ -3837,24 +3925,26 @@ class _AsyncPool(_Pool):
         self._loop.call_later(0.1, self._tick)
 
     def _begin(self, run):
-        coro = self._execute(run)
-        self._tasks[run.id] = self._loop.create_task(coro, name=f"{run.doc['task_name']} "
-                                                                f"(task {run.id[:8]})")
+        coro = _execute_async(run.task, run.doc["args"], run.doc["kwargs"], run.ctx, self.limit)
+        task = self._loop.create_task(coro, name=f"{run.doc['task_name']} (task {run.id[:8]})")
+        self._tasks[run.id] = task
+        # A done-callback runs however the task ends, even cancelled before it began.
+        task.add_done_callback(lambda done: self._ended(run, done))
 
-    async def _execute(self, run):
-        import asyncio
-        try:
-            reply = await _execute_async(run.task, run.doc["args"], run.doc["kwargs"], run.ctx,
-                                         self.limit)
-        except asyncio.CancelledError:
-            reply = self._endings.get(run.id)  # None: a forced exit, given back
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt from a coroutine
-            reply = _failure(exc)
-        self._endings.pop(run.id, None)
+    def _ended(self, run, task):
+        """Post the run's reply: its own, or how castor ended it."""
+        ending = self._endings.pop(run.id, None)
         self._tasks.pop(run.id, None)
         self._runs.pop(run.id, None)
-        if reply is not None and not self._silent:
-            self.post(run, reply)
+        if self._silent:
+            return  # a forced exit: the worker gives the task back
+        if task.cancelled():  # by castor (an ending), or by the task's own code
+            reply = ending or _failed("the task's coroutine was cancelled by its own code")
+        elif task.exception() is not None:  # SystemExit, KeyboardInterrupt from a coroutine
+            reply = _failure(task.exception())
+        else:
+            reply = task.result()
+        self.post(run, reply)
 
     def _cancel_task(self, task_id):
         task = self._tasks.get(task_id)
@@ -3929,6 +4019,7 @@ class _ProcessPool(_Pool):
         self.jobs = queue.SimpleQueue()
         self.runs = {}     # id -> run, until its reply is posted
         self.endings = {}  # id -> the reply of a run castor ends early
+        self.withdrawn = set()  # ids given back at shutdown before they were sent
         self.silent = False
         self.idle = size  # slots with nothing in flight
         self.slots = [_ProcessSlot(self, n) for n in range(size)]
@@ -3968,6 +4059,17 @@ class _ProcessPool(_Pool):
         if not self.silent:
             super().post(run, reply)
 
+    def stop_daemons(self, runs):
+        sent = {run.id for slot in self.slots for run in list(slot.inflight)}
+        waiting = [run for run in runs if run.id in self.runs and run.id not in sent]
+        for run in waiting:  # still in the queue: a slot will drop it unsent
+            self.withdrawn.add(run.id)
+            self.runs.pop(run.id, None)
+        for run in runs:
+            if run not in waiting:
+                self._end_early(run, _failed(self.shutdown_message))
+        return waiting
+
     def _end_early(self, run, reply):
         if run.id not in self.runs:
             return
@@ -3976,7 +4078,7 @@ class _ProcessPool(_Pool):
         self.endings[run.id] = reply
         for slot in self.slots:
             if slot.running() is run:
-                slot.kill_child()
+                slot.stop_running(run)
 
 
 class _ProcessSlot(threading.Thread):
@@ -3989,6 +4091,7 @@ class _ProcessSlot(threading.Thread):
         self.inflight = collections.deque()
         self.buffer = b""  # what the child wrote that is not a whole line yet
         self.started = None  # when the child began the first job in flight
+        self.killed_for = None  # the job another thread killed the child to stop
         self.closing = self.draining = False
         self._lock = threading.Lock()
 
@@ -4020,6 +4123,9 @@ class _ProcessSlot(threading.Thread):
             if run is None:
                 self.draining = True
                 return
+            if run.id in pool.withdrawn:  # given back at shutdown
+                pool.withdrawn.discard(run.id)
+                continue
             if run.id in pool.endings:  # ended before it was sent
                 pool.post(run, pool.endings[run.id])
                 continue
@@ -4034,13 +4140,18 @@ class _ProcessSlot(threading.Thread):
                "kwargs": run.doc["kwargs"], "attempt": run.ctx.attempt}
         self.inflight.append(run)
         try:
-            child = self.child or self._ensure_child()
+            child = self._ensure_child()  # a child that died while idle is replaced
             child.stdin.write((_dumps(job) + "\n").encode())
             child.stdin.flush()
             return True
-        except (OSError, CastorError) as exc:
+        except OSError:
+            if len(self.inflight) == 1:  # a child that died while idle: start afresh
+                self._requeue_all()
+            else:
+                self._lose_child(_failed("the task's process died; the pool replaced it"))
+        except CastorError as exc:
             self._lose_child(_failed(f"could not start the task's process: {exc}"))
-            return False
+        return False
 
     def _step(self):
         """Wait for the running job's next line: progress, its reply, or its end."""
@@ -4051,15 +4162,22 @@ class _ProcessSlot(threading.Thread):
             self._lose_child(_failure(TimeoutError(
                 f"task exceeded its timeout of {timeout:g}s; its process was killed")))
         elif not line:
-            code = self.child.wait() if self.child is not None else None
-            reason = "killed" if code is None else _exit_reason(code)
-            self._lose_child(_failed(f"the task's process died ({reason}); "
-                                     "the pool replaced it"))
+            self._child_gone(run)
         else:
             self._on_line(run, json.loads(line))
 
+    def _child_gone(self, run):
+        if run.id not in self.pool.endings and self.killed_for is not None:
+            # Killed to stop a job that had just finished: this one was not meant to die.
+            self._requeue_all()
+            return
+        code = self.child.wait() if self.child is not None else None
+        reason = "killed" if code is None else _exit_reason(code)
+        self._lose_child(_failed(f"the task's process died ({reason}); the pool replaced it"))
+
     def _on_line(self, run, message):
-        if "progress" in message:
+        # A reply carries its job's last report; a lone report names its job.
+        if "progress" in message and message.get("id", run.id) == run.id:
             run.ctx._progress, run.ctx._dirty = message["progress"], True
         if "ok" in message:
             self._finish(message)
@@ -4085,6 +4203,23 @@ class _ProcessSlot(threading.Thread):
             self._finish(reply)
             for run in waiting:
                 self.pool.jobs.put(run)
+
+    def _requeue_all(self):
+        """The child goes and none of its jobs ended: all of them back to the queue."""
+        self.kill_child()
+        waiting, self.inflight = list(self.inflight), collections.deque()
+        self.pool.idle += 1
+        for run in waiting:
+            self.pool.jobs.put(run)
+
+    def stop_running(self, run):
+        """From another thread: kill the child that runs ``run``. The slot's own
+        thread sees it die, and sorts out what was in flight."""
+        self.killed_for = run.id
+        child = self.child
+        if child is not None:  # the child leads its own session: what it started too
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
 
     def _read_line(self, deadline):
         """A line; None past the deadline; b"" when the child died.
@@ -4120,6 +4255,7 @@ class _ProcessSlot(threading.Thread):
             if self.closing:
                 raise CastorError("the worker is shutting down")
             self.child, self.buffer = _spawn_child(self.pool.config), b""
+            self.killed_for = None
             return self.child
 
     def kill_child(self):
@@ -4238,6 +4374,7 @@ def _child_run(manager, line, out, limit):
             return _failed(f"unknown task {job['name']!r} in the process pool")
         ctx = TaskContext(job["id"], job["name"], job["attempt"], report=out.progress)
         reply = _execute(task, job["args"], job["kwargs"], ctx, job.get("limit", limit))
+        out.drop_held()  # the reply carries the last report; a late one would mislead
         if ctx._progress is not None:
             reply["progress"] = ctx._progress
         return reply
@@ -4273,6 +4410,10 @@ class _ChildOut:
                 return
             self.last = time.monotonic()
         self.send({"id": ctx.id, "progress": ctx._progress})
+
+    def drop_held(self):
+        with self.lock:
+            self.held = None
 
     def _send_held(self):
         with self.lock:
@@ -6124,8 +6265,9 @@ def _info_command(manager, args):
     for key, value in doc.items():
         if key not in ("error", "exception"):
             sys.stdout.write(f"{key:12} {json.dumps(value)}\n")
-    if doc.get("error"):
-        sys.stdout.write(f"error:\n{doc['error']}")
+    if doc.get("error"):  # cleaned: a task's message must not drive the terminal
+        lines = str(doc["error"]).splitlines()
+        sys.stdout.write("error:\n" + "".join(_clean(line) + "\n" for line in lines))
     return 0
 
 
