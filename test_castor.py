@@ -2492,7 +2492,6 @@ def test_unique_twins_in_one_map(make_project, tmp_path):
     assert proj.manager.counts()["pending"] == 2
 
 
-@pytest.mark.beaver_only
 def test_daemon_tasks_not_yet_started_go_back_at_shutdown(project):
     worker = project.start("--workers", "1", "--threads", "1")
     running, waiting = project.mod.dsleepy.map([(60,), (60,)])
@@ -4529,7 +4528,6 @@ def expect(target):
 # Web view: the overview
 
 
-@pytest.mark.beaver_only
 def test_overview_lists_tasks_and_filters_by_status_and_name(web_project, browse):
     mod = web_project.mod
     worker = web_worker(web_project)
@@ -4603,7 +4601,6 @@ def test_overview_lists_tasks_and_filters_by_status_and_name(web_project, browse
     assert b.dialogs == []
 
 
-@pytest.mark.beaver_only
 def test_live_refresh_shows_a_new_task_without_reload(web_project, browse):
     mod = web_project.mod
     web_worker(web_project)
@@ -4662,7 +4659,6 @@ def call_app(app, path, query="", method="GET", body=b"", **environ):
 # Web view: the task page
 
 
-@pytest.mark.beaver_only
 def test_retry_from_task_page_runs_the_failed_task_again(web_project, browse):
     mod = web_project.mod
     web_worker(web_project)
@@ -4694,7 +4690,6 @@ def test_retry_from_task_page_runs_the_failed_task_again(web_project, browse):
     assert b.errors == [], b.errors
 
 
-@pytest.mark.beaver_only
 def test_cancel_a_pending_task_from_its_page(web_project, browse):
     mod = web_project.mod
     web_worker(web_project)
@@ -4721,7 +4716,6 @@ def test_cancel_a_pending_task_from_its_page(web_project, browse):
     b.shot("task-unknown")
 
 
-@pytest.mark.beaver_only
 def test_task_data_is_shown_as_text_and_never_runs(web_project, browse):
     mod = web_project.mod
     web_worker(web_project)

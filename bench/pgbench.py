@@ -437,33 +437,30 @@ def pgq_drain(server, root, tag, n):
 
 def measure_enqueue(server, root, n, repeats):
     """Sequential single enqueues, castor .delay and PgQueuer enqueue, alternating."""
-    side = CastorPgSide(root, "pg-enqueue", server.new_db("castor_enqueue"))
-    client = PgqClient(pgq_db(server, "pgq_enqueue"))
-    try:
-        side.enqueue_one()  # warm-up: connection, statements
-        client.enqueue_rate(1)
-        rates = {"castor": [], "pgq": []}
-        for _ in range(repeats):
-            rates["castor"].append(bench.rate_of(n, lambda: [side.enqueue_one()
-                                                             for _ in range(n)]))
-            rates["pgq"].append(client.enqueue_rate(n))
-        return statistics.median(rates["castor"]), statistics.median(rates["pgq"])
-    finally:
-        client.close()
-        side.close()
+    return _alternate(server, root, "enqueue", repeats,
+                      lambda side, k: [side.enqueue_one() for _ in range(k)],
+                      lambda client, k: client.enqueue_rate(k), n)
 
 
 def measure_bulk(server, root, n, repeats):
     """castor .map of n against PgQueuer's batch enqueue of n, alternating."""
-    side = CastorPgSide(root, "pg-bulk", server.new_db("castor_bulk"))
-    client = PgqClient(pgq_db(server, "pgq_bulk"))
+    return _alternate(server, root, "bulk", repeats,
+                      lambda side, k: side.enqueue_backlog(k),
+                      lambda client, k: client.bulk_rate(k), n)
+
+
+def _alternate(server, root, label, repeats, castor_batch, pgq_rate, n):
+    """Medians of castor's and PgQueuer's enqueue rates of n, in fresh databases,
+    the two sides alternating after one warm-up call each (connection, statements)."""
+    side = CastorPgSide(root, "pg-" + label, server.new_db("castor_" + label))
+    client = PgqClient(pgq_db(server, "pgq_" + label))
     try:
-        side.enqueue_backlog(1)
-        client.bulk_rate(1)
+        castor_batch(side, 1)
+        pgq_rate(client, 1)
         rates = {"castor": [], "pgq": []}
         for _ in range(repeats):
-            rates["castor"].append(bench.rate_of(n, lambda: side.enqueue_backlog(n)))
-            rates["pgq"].append(client.bulk_rate(n))
+            rates["castor"].append(bench.rate_of(n, lambda: castor_batch(side, n)))
+            rates["pgq"].append(pgq_rate(client, n))
         return statistics.median(rates["castor"]), statistics.median(rates["pgq"])
     finally:
         client.close()
