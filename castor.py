@@ -1622,9 +1622,17 @@ class _SqliteFile(_Store):
 
     @property
     def conn(self):
+        """This thread's connection for reads, which wait out a busy file."""
+        conn = self._connection()
+        if not self._local.waits:
+            conn.execute(_WAIT_WHEN_BUSY)
+            self._local.waits = True
+        return conn
+
+    def _connection(self):
         local = self._local
         if getattr(local, "pid", None) != os.getpid():  # not across fork()
-            local.conn, local.pid = self._connect(), os.getpid()
+            local.conn, local.pid, local.waits = self._connect(), os.getpid(), True
         return local.conn
 
     def explain(self, exc):
@@ -1651,18 +1659,34 @@ class _SqliteFile(_Store):
     def _create_schema(self, conn):
         ready = "SELECT 1 FROM sqlite_master WHERE name = 'castor_jobs_unique'"
         if not conn.execute(ready).fetchone():
-            with self._write(conn):
-                _run_script(conn, _SCHEMA)
-                for table, column, kind in _SCHEMA_ADDED:
-                    if column not in _columns(conn, table):
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                _run_script(conn, _INDEXES)
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                with self._transaction(conn):
+                    _run_script(conn, _SCHEMA)
+                    for table, column, kind in _SCHEMA_ADDED:
+                        if column not in _columns(conn, table):
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    _run_script(conn, _INDEXES)
+            finally:
+                conn.execute(_WAIT_WHEN_BUSY)
         self._schema_ready = True
 
+    def _write(self):
+        """A write transaction on this thread's connection.
+
+        _begin_immediate waits for the lock itself, so SQLite's busy wait is
+        turned off for writes, and back on only by the next read: a producer
+        that only enqueues never pays for turning it on and off.
+        """
+        conn = self._connection()
+        if self._local.waits:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._local.waits = False
+        return self._transaction(conn)
+
     @contextlib.contextmanager
-    def _write(self, conn=None):
+    def _transaction(self, conn):
         """A write transaction that takes the lock up front (no deadlocks)."""
-        conn = conn or self.conn
         _begin_immediate(conn)
         try:
             yield conn
@@ -2051,31 +2075,32 @@ class _Checkpointer:
 
 def _begin_immediate(conn):
     """BEGIN IMMEDIATE, waiting for another process's write lock in short,
-    jittered steps for up to BUSY_TIMEOUT.
+    jittered steps for up to BUSY_TIMEOUT, on a connection whose own busy wait
+    is off.
 
     SQLite's own busy handler sleeps in growing steps, up to 100 ms, so one
     producer among several could stall for a tenth of a second while the
     others commit in a fraction of a millisecond; this looks every few tenths
-    of a millisecond instead. Only the lock is waited for this way: the
-    connection keeps its busy timeout for everything else.
+    of a millisecond instead. Inside the transaction nothing waits: the lock
+    is held, and a commit's checkpoint is a passive one.
     """
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        deadline, pause = None, 0.0001
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", None) != _SQLITE_BUSY:
-                    raise
-                deadline = deadline or time.monotonic() + BUSY_TIMEOUT
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(pause * random.uniform(0.5, 1.5))
-            pause = min(pause * 1.5, 0.0005)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+    deadline, pause = None, 0.0001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != _SQLITE_BUSY:
+                raise
+            deadline = deadline or time.monotonic() + BUSY_TIMEOUT
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 1.5, 0.0005)
+
+
+#: How a connection waits out another process's lock when it reads.
+_WAIT_WHEN_BUSY = f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}"
 
 
 #: SQLite's result code for "the database is locked".
