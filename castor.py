@@ -5622,14 +5622,14 @@ def _serve_web(manager, host, port, auth):
     except OSError as exc:
         logger.error("cannot serve the web view on %s:%s: %s", host, port, exc)
         return 1
-    shown = f"[{host}]" if ":" in host else host
-    logger.info("Serving the castor web view on http://%s:%d/", shown, server.server_port)
-    if auth is None and not _is_loopback(host):
-        logger.warning("The web view has no authentication and %s is not a loopback "
-                       "address: anyone who can reach it can retry, cancel and prune tasks "
-                       "(use --auth USER:PASSWORD)", host or "every address")
-    restore = _stop_on_sigterm()
+    restore = _stop_on_signals()  # before the address shows: a signal from then on stops it
     try:
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("Serving the castor web view on http://%s:%d/", shown, server.server_port)
+        if auth is None and not _is_loopback(host):
+            logger.warning("The web view has no authentication and %s is not a loopback "
+                           "address: anyone who can reach it can retry, cancel and prune "
+                           "tasks (use --auth USER:PASSWORD)", host or "every address")
         server.serve_forever()
     except KeyboardInterrupt:
         logger.info("Web view stopped")
@@ -5681,15 +5681,19 @@ def _is_loopback(host):
         return False
 
 
-def _stop_on_sigterm():
-    """SIGTERM stops the server as Ctrl+C does; returns what puts things back."""
+def _stop_on_signals():
+    """SIGINT and SIGTERM stop the server; returns what puts things back.
+
+    SIGINT too, as for the worker: a process started in the background by a
+    shell inherits SIGINT ignored, and Python then leaves it ignored.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
 # Web view: page, script and style #############################################

@@ -4446,9 +4446,9 @@ def web_worker(proj):
     return proj.start("--workers", "1")
 
 
-def serve_web(proj, *flags):
+def serve_web(proj, *flags, **popen):
     """``castor web`` on a free port: (process, base URL ending in /)."""
-    proc = proj.start("web", "--port", "0", *flags, wait=False)
+    proc = proj.start("web", "--port", "0", *flags, wait=False, **popen)
     pattern = r"Serving the castor web view on http://([^ /]+):(\d+)/"
     found = wait_for(lambda: re.search(pattern, proj.output(proc)[1]) or proc.poll() is not None,
                      what="the web view's start")
@@ -4940,7 +4940,10 @@ def test_castor_web_logs_its_address_stays_quiet_and_stops_on_signals(web_projec
     assert proc.wait(timeout=10) == 0
     assert "GET /" not in web_project.output(proc)[1]  # request lines go to logger.debug
 
-    proc, url = serve_web(web_project, "--host", "0.0.0.0")
+    # Started as a shell's background job is, with SIGINT ignored: Ctrl+C's
+    # signal sent on purpose still stops it, as it stops a worker.
+    proc, url = serve_web(web_project, "--host", "0.0.0.0",
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     wait_for(lambda: "WARNING" in web_project.output(proc)[1], what="the warning")
     assert "not a loopback address" in web_project.output(proc)[1]
     proc.send_signal(signal.SIGINT)
