@@ -2346,7 +2346,7 @@ class _PgConnections(_Store):
         self._pool = _PgPool(self._connect_with(params), PG_POOL_SIZE)
         self._params = params
         self._schema_ready = False
-        self._listener = None
+        self._listeners = []
 
     def explain(self, exc):
         """An error's text with no password in it, and where it happened."""
@@ -2401,17 +2401,23 @@ class _PgConnections(_Store):
         return None  # a result recorded sends no notification: read the document
 
     def news(self):
-        return None if self._listener is None else self._listener.version
+        listeners = self._open_listeners()
+        return sum(listener.version for listener in listeners) if listeners else None
 
     def watch(self):
-        if self._listener is None:
-            self._listener = _PgListener(self)
-        return self._listener
+        # A listener each: the worker that asked closes it when it stops, and
+        # another worker on this store (the next one, or one beside it) must
+        # not be left selecting on its closed pipe.
+        self._listeners = self._open_listeners() + [_PgListener(self)]
+        return self._listeners[-1]
+
+    def _open_listeners(self):
+        return [listener for listener in self._listeners if not listener.closed]
 
     def close(self):
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         self._pool.close()
 
 
@@ -2878,6 +2884,10 @@ class _PgListener:
 
     def drain(self):
         _drain(self._read)
+
+    @property
+    def closed(self):
+        return self._closed.is_set()
 
     def close(self):
         self._closed.set()  # its thread closes the pipe when it sees this

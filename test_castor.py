@@ -1598,8 +1598,13 @@ def test_pool_children_cannot_start_workers(project):
     assert project.worker_rows() == 0
 
 
+def listening_threads():
+    return {t for t in threading.enumerate() if t.name == "castor-listen"}
+
+
 def test_worker_inside_a_program_stops_cleanly(project):
     others = children_of(os.getpid())  # a browser or a server of another test, maybe
+    listening = listening_threads()  # other tests' PostgreSQL listeners, maybe
     worker = castor.Worker(project.manager, workers=1, threads=2)
     runner = threading.Thread(target=worker.run)
     runner.start()
@@ -1612,6 +1617,8 @@ def test_worker_inside_a_program_stops_cleanly(project):
     assert not runner.is_alive() and worker.state == "Stopped"
     assert project.worker_rows() == 0
     wait_for(lambda: children_of(os.getpid()) <= others, timeout=10, what="no child left")
+    # On PostgreSQL, the first worker's listener has closed its pipe by now.
+    wait_for(lambda: listening_threads() <= listening, what="the listener's end")
     # A second worker on the same manager, in the same process, serves as well.
     again = castor.Worker(project.manager, workers=1, threads=2)
     runner = threading.Thread(target=again.run)
@@ -1919,6 +1926,7 @@ def pstubborn(seconds):
 
 @manager.task(mode="async")
 async def astubborn(seconds):
+    mark("astubborn started")
     try:
         await asyncio.sleep(seconds)
     finally:
@@ -2030,7 +2038,9 @@ def test_cancel_a_running_async_task_cancels_its_coroutine(make_project):
     proj = make_project(OPS_APP)
     proj.start("--workers", "1")
     handle = proj.mod.astubborn.delay(60)
-    wait_for(lambda: handle.status() == "running", what="running")
+    # "running" is set at the claim; a coroutine cancelled before its first
+    # step never runs its body, so wait until it has begun.
+    wait_for(lambda: "astubborn started" in proj.labels(), what="the coroutine's start")
     assert handle.cancel() is True
     with pytest.raises(castor.Cancelled):
         handle.join(timeout=10)
