@@ -1706,7 +1706,6 @@ class _SqliteFile(_Store):
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         return _InotifyWatch.open(os.path.dirname(self.path))
 
-
     def check(self):
         identity = _file_identity(self.path)
         if identity != self._identity:
@@ -3748,8 +3747,14 @@ class _Pool:
         """At shutdown: end these daemon=True runs now. Those that have not
         started are given back untouched instead (returned: the worker puts
         them back to pending): terminating a task that never ran loses it."""
+        waiting = self._withdraw(runs)
         for run in runs:
-            self._end_early(run, _failed(self.shutdown_message))
+            if run not in waiting:
+                self._end_early(run, _failed(self.shutdown_message))
+        return waiting
+
+    def _withdraw(self, runs):
+        """Take back those of ``runs`` not started yet, so they never start."""
         return []
 
     def _end_early(self, run, reply):
@@ -3831,16 +3836,13 @@ class _ThreadPool(_Pool):
     def idle_slots(self):
         return max(0, self.size - len(self._runs) - self._abandoned)
 
-    def stop_daemons(self, runs):
+    def _withdraw(self, runs):
         waiting = []
         with self._lock:
             for run in runs:
                 if run.id in self._runs and not self._runs[run.id][1]:
                     del self._runs[run.id]  # its thread will find it gone and skip it
                     waiting.append(run)
-        for run in runs:
-            if run not in waiting:
-                self._end(run, _failed(self.shutdown_message))
         return waiting
 
     def close(self, kill):
@@ -4094,15 +4096,12 @@ class _ProcessPool(_Pool):
         if not self.silent:
             super().post(run, reply)
 
-    def stop_daemons(self, runs):
+    def _withdraw(self, runs):
         sent = {run.id for slot in self.slots for run in list(slot.inflight)}
         waiting = [run for run in runs if run.id in self.runs and run.id not in sent]
         for run in waiting:  # still in the queue: a slot will drop it unsent
             self.withdrawn.add(run.id)
             self.runs.pop(run.id, None)
-        for run in runs:
-            if run not in waiting:
-                self._end_early(run, _failed(self.shutdown_message))
         return waiting
 
     def _end_early(self, run, reply):
@@ -4252,9 +4251,8 @@ class _ProcessSlot(threading.Thread):
         thread sees it die, and sorts out what was in flight."""
         self.killed_for = run.id
         child = self.child
-        if child is not None:  # the child leads its own session: what it started too
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)
+        if child is not None:
+            _kill_group(child)
 
     def _read_line(self, deadline):
         """A line; None past the deadline; b"" when the child died.
@@ -4297,9 +4295,7 @@ class _ProcessSlot(threading.Thread):
         with self._lock:
             child, self.child = self.child, None
         if child is not None:
-            # The child leads its own session: kill whatever the task started too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)
+            _kill_group(child)
             child.wait()
 
     def stop(self, kill):
@@ -4314,6 +4310,13 @@ class _ProcessSlot(threading.Thread):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=0 if kill else 2)
         self.kill_child()
+
+
+def _kill_group(child):
+    """SIGKILL a pool child, which leads its own session: whatever the task
+    started goes too."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
 
 
 def _spawn_child(config):
