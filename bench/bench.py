@@ -509,11 +509,10 @@ def stamp_rate(stamps):
     return (len(stamps) - 1) / window
 
 
-def measure_drain(side, n, **worker_kw):
+def measure_drain(side, n, task=None, **worker_kw):
     """Backlog of n with no worker, then start one: (rate by stamps, wall seconds).
 
     For castor, ``flags`` and ``task`` pick the worker's flags and the task."""
-    task = worker_kw.pop("task", None)
     before = side.finished()
     handles = side.enqueue_backlog(n, task) if task else side.enqueue_backlog(n)
     with side.worker(**worker_kw) as worker:
@@ -629,12 +628,8 @@ def measure_process(root, n, repeats):
     """Castor process mode (--workers 2) against ProcessPoolExecutor(2)."""
     side = CastorSide(root, "process", CASTOR_PROCESS_MODULE, module="benchproc")
     try:
-        handles = side.enqueue_backlog(n, task=side.mod.pstamp)
-        with side.worker(label="castor (process)", flags=["--workers", "2"]) as worker:
-            wait_until(lambda: side.finished() >= n, max(60.0, n / 20), f"{n} process tasks",
-                       worker)
-            wall = time.monotonic() - worker.started
-        castor_rate = stamp_rate(side.results(handles))
+        castor_rate, wall = measure_drain(side, n, task=side.mod.pstamp,
+                                          label="castor (process)", flags=["--workers", "2"])
         plain = side.mod.plain_stamp
         rates = []
         with ProcessPoolExecutor(max_workers=2) as pool:
@@ -1036,7 +1031,7 @@ def rows_scaling(results, cfg, notes):
     scale = results.get("scaling")
     if not scale:
         return [error_row("8", "scaling", "-")]
-    (peer, _, _), (label, count, threads) = SCALING[0], SCALING[1]
+    (peer, _, peer_threads), (label, count, threads) = SCALING[0], SCALING[1]
     notes.append("row 8 peer: 1 worker --threads 4. Workers started first (one file per "
                  "configuration, all idle while another drains), then the backlog enqueued "
                  "by .map; rate by task timestamps. Workers x threads each: " + ", ".join(
@@ -1046,7 +1041,7 @@ def rows_scaling(results, cfg, notes):
                  "time: a rate that stops growing while cores stay free means the single "
                  "SQLite writer (one write lock) is the limit")
     return [("8", f"drain {cfg['scaling']:,} no-op, {count} workers x --threads {threads} "
-             f"(peer: 1 x {SCALING[0][2]}; info)", fmt_rate(scale[label][0]),
+             f"(peer: 1 x {peer_threads}; info)", fmt_rate(scale[label][0]),
              fmt_rate(scale[peer][0]), fmt_ratio(ratio(scale[label][0], scale[peer][0])),
              "-", "n/a")]
 

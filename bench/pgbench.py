@@ -46,7 +46,6 @@ PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 PG_DIR_PREFIX = "castor-bench-pg-"
 
 #: castor's drain: two worker processes, each of these flags.
-CASTOR_PG_FLAGS = ["--workers", "1", "--threads", "4"]
 DRAIN_WORKERS = 2
 
 PGQ_ENTRYPOINT = "stamp"
@@ -119,9 +118,8 @@ def free_port():
 def pid_alive(pid):
     """True if ``pid`` runs and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
+        return bench._proc_stat(pid)[0] != b"Z"
+    except (OSError, ValueError, IndexError):
         return False
 
 
@@ -259,7 +257,7 @@ class CastorPgSide(bench.CastorSide):
 
     def close(self):
         with contextlib.suppress(Exception):
-            self.manager._store.close()  # no public close(): its connection pool
+            self.manager.close()  # its connection pool
 
 
 def castor_drain(server, root, tag, n):
@@ -271,7 +269,7 @@ def castor_drain(server, root, tag, n):
         wal0 = server.wal()
         with contextlib.ExitStack() as stack:
             workers = [stack.enter_context(side.worker(label=f"castor pg #{i}",
-                                                       flags=CASTOR_PG_FLAGS))
+                                                       flags=bench.CASTOR_FLAGS))
                        for i in range(DRAIN_WORKERS)]
             bench.wait_until(lambda: all_alive(workers) and side.finished() >= n,
                              max(60.0, n / 20), f"castor draining {n}", workers[0], poll=0.05)
@@ -437,19 +435,19 @@ def pgq_drain(server, root, tag, n):
 
 def measure_enqueue(server, root, n, repeats):
     """Sequential single enqueues, castor .delay and PgQueuer enqueue, alternating."""
-    return _alternate(server, root, "enqueue", repeats,
+    return alternate_rates(server, root, "enqueue", repeats,
                       lambda side, k: [side.enqueue_one() for _ in range(k)],
                       lambda client, k: client.enqueue_rate(k), n)
 
 
 def measure_bulk(server, root, n, repeats):
     """castor .map of n against PgQueuer's batch enqueue of n, alternating."""
-    return _alternate(server, root, "bulk", repeats,
+    return alternate_rates(server, root, "bulk", repeats,
                       lambda side, k: side.enqueue_backlog(k),
                       lambda client, k: client.bulk_rate(k), n)
 
 
-def _alternate(server, root, label, repeats, castor_batch, pgq_rate, n):
+def alternate_rates(server, root, label, repeats, castor_batch, pgq_rate, n):
     """Medians of castor's and PgQueuer's enqueue rates of n, in fresh databases,
     the two sides alternating after one warm-up call each (connection, statements)."""
     side = CastorPgSide(root, "pg-" + label, server.new_db("castor_" + label))
@@ -643,7 +641,8 @@ def rows_drain(results, cfg, notes):
     if drain:
         n = cfg["pg_drain"]
         c, p = drain["castor"], drain["pgq"]
-        notes.append(f"row pg3: castor {DRAIN_WORKERS} x `castor {' '.join(CASTOR_PG_FLAGS)}`, "
+        flags = " ".join(bench.CASTOR_FLAGS)
+        notes.append(f"row pg3: castor {DRAIN_WORKERS} x `castor {flags}`, "
                      f"PgQueuer {DRAIN_WORKERS} x `pgq run --batch-size {PGQ_BATCH}`, both "
                      "started after the backlog was enqueued; wall time from spawning the "
                      f"workers until all were done: castor {c[1]:.2f}s, PgQueuer {p[1]:.2f}s; "
