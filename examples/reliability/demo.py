@@ -56,7 +56,7 @@ subprocess.run(["pkill", "-9", "-s", str(worker.pid)])  # the worker and its poo
 worker.wait()
 running = [h for h in handles if h.status() == "running"]  # as the kill left them
 begun = starts()  # of those, the ones that had started (the rest waited for a thread)
-started = sorted(str(h.info()["args"][0]) for h in running if begun[str(h.info()["args"][0])])
+started = sorted(n for n in (str(h.info()["args"][0]) for h in running) if begun[n])
 print(f"killed worker {worker.pid} (signal {-worker.returncode}) with "
       f"{sum(1 for h in handles if h.status() == 'success')} done and {len(running)} claimed "
       f"({len(started)} of them started):", ", ".join(h.id[:8] for h in running))
@@ -75,9 +75,9 @@ scan = tasks.background_scan.delay(60)
 wait_for(lambda: report.status() == "running" and scan.status() == "running")
 time.sleep(0.5)
 os.killpg(worker.pid, signal.SIGINT)  # what a terminal's Ctrl+C does
-started = time.monotonic()
+signalled = time.monotonic()
 worker.wait(timeout=30)
-print(f"worker exited {worker.returncode} after {time.monotonic() - started:.1f}s")
+print(f"worker exited {worker.returncode} after {time.monotonic() - signalled:.1f}s")
 print("critical_report:", report.status(), "->", report.join(timeout=1))
 try:
     scan.join(timeout=1)
