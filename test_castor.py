@@ -203,6 +203,7 @@ def pgated(gate, label):
 
 @manager.task(mode="thread", daemon=True)
 def dsleepy(seconds):
+    mark("dt:start")
     time.sleep(seconds)
     return seconds
 
@@ -2355,7 +2356,8 @@ def test_unique_twins_in_one_map(make_project, tmp_path):
 def test_daemon_tasks_not_yet_started_go_back_at_shutdown(project):
     worker = project.start("--workers", "1", "--threads", "1")
     running, waiting = project.mod.dsleepy.map([(60,), (60,)])
-    wait_for(lambda: running.status() == "running", what="the first running")
+    # "running" is set at the claim, for both: wait for the first's thread to begin it.
+    wait_for(lambda: "dt:start" in project.labels(), what="the first running")
     code, _, _ = project.stop(worker, signal.SIGTERM)
     assert code == 0
     with pytest.raises(TaskError, match="terminated at shutdown"):
@@ -2476,8 +2478,8 @@ def _shutdown_scenario(project, send):
     crit_proc = mod.psleepy.delay(2.0, "cp")
     daemon_thread = mod.dsleepy.delay(60)
     daemon_proc = mod.pdsleepy.delay(60)
-    wait_for(lambda: {"ct:start", "cp:start", "pd:start"} <= set(project.labels())
-             and daemon_thread.status() == "running", what="all four running")
+    wait_for(lambda: {"ct:start", "cp:start", "pd:start", "dt:start"} <= set(project.labels()),
+             what="all four running")
     pool = children_of(worker.pid)
     assert len(pool) == 2
     send(worker)
