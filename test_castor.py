@@ -4036,7 +4036,9 @@ def test_dashboard_second_ctrl_c_exits_at_once(project, terminal):
 @pytest.mark.beaver_only
 def test_dashboard_fills_a_big_terminal_and_follows_a_resize(project, terminal):
     term = terminal(size=(120, 40))
-    lines = term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    # The whole first frame, not a screen caught while it is being drawn.
+    lines = term.wait_screen(lambda text: "Status: Running" in text and text.split("\n")[
+        -1].startswith("+-- Ctrl+C"), "the dashboard")
     assert len(lines) == 40 and lines[-1].startswith("+-- Ctrl+C") and len(lines[-1]) == 120
     assert lines[3] == "+" + "-" * 28 + "+" + "-" * 89 + "+"
     term.resize(100, 30)
