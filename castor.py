@@ -752,26 +752,41 @@ def _refuse(obj):
     raise NotJSONError(f"{obj!r} (type {type(obj).__name__})")
 
 
-#: One encoder for all: json.dumps() with options builds a new one each call.
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_refuse)
+def _make_encoder():
+    """value -> compact JSON, by the C encoder behind json.dumps, made once:
+    JSONEncoder.encode makes a new one at every call, which costs more than
+    encoding a small document. It has no cycle check, whose bookkeeping would
+    be shared by threads: a value that contains itself ends in RecursionError."""
+    from json import encoder
+    try:
+        encode = encoder.c_make_encoder(None, _refuse, encoder.encode_basestring_ascii, None,
+                                        ":", ",", False, False, False)
+    except TypeError:  # no C accelerator, or a signature this Python changed
+        return json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_refuse,
+                                check_circular=False).encode
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode = _make_encoder()
 
 
 def _dumps(value):
     """JSON of a value castor built itself (already known to be JSON)."""
-    return _ENCODER.encode(value)
+    return _encode(value)
 
 
 def _to_json(value, where):
     """``value`` as compact JSON, refusing what JSON cannot carry and naming it."""
     try:
-        return _ENCODER.encode(value)
+        return _encode(value)
     except NotJSONError as exc:
         raise NotJSONError(f"{exc} in {where} is not JSON: use str, int, float, bool, "
                            "None, list or dict") from None
-    except (TypeError, ValueError) as exc:  # NaN, infinity, bad keys, cycles
+    except (TypeError, ValueError) as exc:  # NaN, infinity, bad keys
         raise NotJSONError(f"{where} are not JSON: {exc}") from None
     except RecursionError:
-        raise NotJSONError(f"{where} are nested too deeply to be JSON") from None
+        raise NotJSONError(f"{where} are nested too deeply to be JSON, or contain "
+                           "themselves") from None
 
 
 def _iso(ts):

@@ -1178,6 +1178,10 @@ def test_delay_refuses_non_json_and_enqueues_nothing(project):
         mod.add.delay(float("nan"), 1)
     with pytest.raises(NotJSONError):
         mod.add.map([(1, 2), (object(), 2)])
+    itself = [1]
+    itself.append(itself)
+    with pytest.raises(NotJSONError, match="contain themselves"):
+        mod.add.delay(itself, 1)
     assert project.manager.counts()["pending"] == 0 and project.manager.tasks() == []
     if project.mod.db is not None:  # and nothing half-written in the beaver file
         assert len(project.mod.db.dict("castor_tasks")) == 0
