@@ -353,17 +353,16 @@ class Task:
         new = self._new(tuple(args), dict(kwargs or {}), now, eta, prio)
         if self.manager.immediate:
             return self._run_inline(new.doc)
-        return self._handles([new])[0]
+        return self._handles(self.manager._store.enqueue([new]))[0]
 
     def map(self, iterable):
         """Queue one task per item, all in one transaction."""
         if self.manager.immediate:
             return [self.schedule(_as_args(item)) for item in iterable]
-        make = _Batch(self, time.time())
-        return self._handles([make(_as_args(item)) for item in iterable])
+        batch = [_as_args(item) for item in iterable]
+        return self._handles(self.manager._store.enqueue_batch(_Batch(self, time.time()), batch))
 
-    def _handles(self, new):
-        ids = self.manager._store.enqueue(new)
+    def _handles(self, ids):
         return [TaskHandle(self.manager, task_id, self.name) for task_id in ids]
 
     def _new(self, args, kwargs, now, eta, priority, stamp=None):
@@ -423,6 +422,7 @@ class _Batch:
         self.before, rest = marked.split(_dumps(_MARK_ID))
         self.middle, self.after = rest.split(_dumps(_MARK_ARGS))
         self.where = f"the arguments of {task.name}"
+        self.unique = task.unique is not False
 
     def __call__(self, args):
         doc = dict(self.proto, id=_new_id(), args=list(args))
@@ -1276,6 +1276,11 @@ class _Store:
         """Add _NewTasks in one transaction; their ids, in order. A unique
         task already pending or running gives that task's id instead."""
         raise NotImplementedError
+
+    def enqueue_batch(self, make, batch):
+        """``enqueue`` of ``make(args)`` for each args of a .map() (``make`` is
+        a _Batch); a store may make them as it writes them."""
+        return self.enqueue([make(args) for args in batch])
 
     def put_finished(self, doc):
         """Store a task that already ran (immediate mode)."""
@@ -2241,7 +2246,7 @@ CREATE TABLE IF NOT EXISTS castor_tasks (
     mode text NOT NULL,
     status text NOT NULL,
     priority integer NOT NULL DEFAULT 0,
-    eta double precision NOT NULL DEFAULT 0,
+    eta double precision NOT NULL DEFAULT extract(epoch from clock_timestamp()),
     worker text,
     lease integer NOT NULL DEFAULT 0,
     losses integer NOT NULL DEFAULT 0,
@@ -2287,6 +2292,14 @@ SELECT d ->> 'id', d ->> 'task_name', d ->> 'mode', 'pending', (d ->> 'priority'
 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(d, i)
 JOIN unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS v(delay, unique_key, i) USING (i)
 ON CONFLICT DO NOTHING"""
+#: A .map() this big (of a task that is not unique) goes in by COPY: the
+#: server parses each document on its own as the rows stream in, while castor
+#: makes the next ones, instead of one array of them parsed whole at the end.
+PG_COPY_AT = 64
+
+#: The columns a COPY gives; the due time is the column's default, the server's now.
+_PG_COPY = "COPY castor_tasks (id, name, mode, status, priority, doc) FROM STDIN"
+
 #: Finished counts are kept in PG_STAT_SHARDS rows a status, summed when read:
 #: workers that record at the same time bump different rows, so they never
 #: wait for each other's commit on one hot counter row.
@@ -2442,6 +2455,29 @@ class _PgTasks(_PgConnections):
         for item in new:
             _pg_check_storable(item.raw, f"the arguments of {item.doc['task_name']}")
         return self._do(lambda cur: self._add(cur, new), pipeline=True)
+
+    def enqueue_batch(self, make, batch):
+        if len(batch) < PG_COPY_AT or make.unique:
+            return super().enqueue_batch(make, batch)
+        made = []
+        return self._do(lambda cur: self._copy(cur, make, batch, made))
+
+    def _copy(self, cur, make, batch, made):
+        """The tasks of a .map(), made as COPY streams them. COPY cannot skip an
+        id already there: a retry (the first commit may have landed) inserts."""
+        if made:
+            made += [make(args) for args in batch[len(made):]]
+            return self._add(cur, made)
+        with cur.copy(_PG_COPY) as copy:
+            for args in batch:
+                item = make(args)
+                _pg_check_storable(item.raw, make.where)
+                made.append(item)
+                doc = item.doc
+                copy.write_row((doc["id"], doc["task_name"], doc["mode"], "pending",
+                                doc["priority"], item.raw))
+        cur.execute("SELECT pg_notify('castor', '')")
+        return [item.doc["id"] for item in made]
 
     def _add(self, cur, new):
         """Insert the new tasks; an id already there (a retried commit) stays as is."""

@@ -1182,6 +1182,8 @@ def test_delay_refuses_non_json_and_enqueues_nothing(project):
     itself.append(itself)
     with pytest.raises(NotJSONError, match="contain themselves"):
         mod.add.delay(itself, 1)
+    with pytest.raises(NotJSONError):  # PostgreSQL: found when most of the batch was sent
+        mod.add.map([(i, i) for i in range(castor.PG_COPY_AT)] + [(object(), 2), (1, 1)])
     assert project.manager.counts()["pending"] == 0 and project.manager.tasks() == []
     if project.mod.db is not None:  # and nothing half-written in the beaver file
         assert len(project.mod.db.dict("castor_tasks")) == 0
@@ -1655,6 +1657,17 @@ def test_map_enqueues_in_one_go(project):
     assert single[0].join(timeout=20)
     items = project.mod.record.map(["a", "b"])  # non-tuples are one argument each
     assert [h.join(timeout=20) for h in items] == ["a", "b"]
+
+
+def test_a_big_map_keeps_every_argument_as_it_was(project):
+    """PostgreSQL takes a batch this big by COPY, whose text format escapes
+    tabs, newlines and backslashes: each argument comes back as it went in."""
+    pairs = [(f"{i}\t\\n\n\"\u00e9\u2603", "\\" * (i % 3)) for i in range(castor.PG_COPY_AT + 36)]
+    handles = project.mod.add.map(pairs)
+    assert handles[5].info()["args"] == list(pairs[5])
+    assert project.manager.counts()["pending"] == len(pairs)
+    project.start("--workers", "1", "--threads", "4")
+    assert [h.join(timeout=30) for h in handles] == [a + b for a, b in pairs]
 
 
 def test_tasks_counts_and_prune(project):
@@ -2970,6 +2983,25 @@ def test_server_restart_mid_drain(pg_project, pg_server, two_hosts):
     for worker in workers:
         err = proj.output(worker)[1]
         assert worker.poll() is None and "Traceback" not in err
+
+
+def test_a_big_batch_retried_after_its_commit_is_stored_once(pg_project):
+    """COPY cannot skip an id already there: a retried batch (its first commit
+    may have landed before the connection broke) goes in by INSERT instead."""
+    proj, _ = pg_project
+    store, make = proj.manager._store, castor._Batch(proj.mod.add, time.time())
+    batch, made = [(i, i) for i in range(castor.PG_COPY_AT)], []
+    ids = store._do(lambda cur: store._copy(cur, make, batch, made))
+    assert store._do(lambda cur: store._copy(cur, make, batch, made)) == ids
+    assert proj.manager.counts()["pending"] == len(batch)
+    # Broken off while streaming: the retry makes the rest of the batch.
+    made = [make(args) for args in batch[:10]]
+    more = store._do(lambda cur: store._copy(cur, make, batch, made))
+    assert len(set(more)) == len(batch) and not set(more) & set(ids)
+    assert proj.manager.counts()["pending"] == 2 * len(batch)
+    proj.start("--workers", "1", "--threads", "4")
+    assert [TaskHandle(proj.manager, i).join(timeout=30) for i in ids + more] == [
+        2 * i for i in range(len(batch))] * 2
 
 
 def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_server):
