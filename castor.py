@@ -1267,7 +1267,8 @@ class _Store:
     name = "store"
 
     #: Tasks a worker claims per thread: one running, the rest waiting behind
-    #: it. More when a commit costs more, so a drain needs fewer of them.
+    #: it. More when a commit costs more, so a drain needs fewer of them, and
+    #: more while tasks are short (_Window).
     claim_ahead = 2
 
     # Application side ---------------------------------------------------------
@@ -3857,9 +3858,9 @@ class _ThreadPool(_Pool):
     Python cannot kill a thread: a run past its timeout, or a daemon run at
     shutdown, is ended at once and its thread abandoned (still counted busy)
     until the function returns; its late result is dropped. A cancel only
-    raises the task's ``cancelled`` flag (cooperative). Up to the store's
-    ``claim_ahead`` tasks per thread are claimed (fewer transactions while a
-    backlog drains); a timeout counts from a task's own start.
+    raises the task's ``cancelled`` flag (cooperative). Each thread has
+    tasks claimed ahead (_Window: fewer transactions while a backlog drains);
+    a timeout counts from a task's own start.
     """
 
     mode = "thread"
@@ -3867,7 +3868,7 @@ class _ThreadPool(_Pool):
     def __init__(self, manager, size, inbox):
         super().__init__(size, inbox)
         self.limit = manager.max_payload
-        self.window = manager._store.claim_ahead
+        self.window = _Window(manager._store.claim_ahead)
         self.jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._runs = {}  # id -> [run, started?], until its reply is posted
@@ -3882,7 +3883,7 @@ class _ThreadPool(_Pool):
 
     def free(self):
         # A thread abandoned to a hung task takes its whole window with it.
-        return max(0, self.size - self._abandoned) * self.window - len(self._runs)
+        return max(0, self.size - self._abandoned) * self.window.size() - len(self._runs)
 
     def idle_slots(self):
         return max(0, self.size - len(self._runs) - self._abandoned)
@@ -3939,16 +3940,21 @@ class _ThreadPool(_Pool):
                 self._runs[run.id][1] = True
                 self._started += 1
                 run.begin(time.time())
+            began = time.perf_counter()
             try:
                 reply = _execute(run.task, run.doc["args"], run.doc["kwargs"], run.ctx,
                                  self.limit)
             except BaseException as exc:  # every run must end, whatever happens
                 reply = _failed(f"the task crashed castor: {exc!r}")
-            self._end(run, reply, by_thread=True)
+            self._end(run, reply, took=time.perf_counter() - began)
 
-    def _end(self, run, reply, by_thread=False):
-        """Post a run's reply once: the first of its thread and castor wins."""
+    def _end(self, run, reply, took=None):
+        """Post a run's reply once: the first of its thread and castor wins.
+        ``took``: the seconds its thread ran it (the reply is the thread's)."""
+        by_thread = took is not None
         with self._lock:
+            if by_thread:
+                self.window.record(took)
             entry = self._runs.pop(run.id, None)
             if entry is None:  # its reply went out already
                 if by_thread:
@@ -3958,6 +3964,30 @@ class _ThreadPool(_Pool):
             if entry[1] and not by_thread:  # its thread runs on, abandoned
                 self._abandoned += 1
         self.post(run, reply)
+
+
+#: While a thread pool's tasks are short, each thread has more tasks claimed
+#: ahead than the store's claim_ahead: as many as it runs in about
+#: CLAIM_AHEAD_SECONDS, up to CLAIM_AHEAD_MOST. A drain of tiny tasks then
+#: takes far fewer transactions, and a slow task keeps few waiting behind it.
+CLAIM_AHEAD_SECONDS = 0.05
+CLAIM_AHEAD_MOST = 64
+
+
+class _Window:
+    """Tasks to have claimed per thread, from how long recent runs took."""
+
+    def __init__(self, least):
+        self.least, self.mean = least, None
+
+    def record(self, seconds):
+        self.mean = seconds if self.mean is None else self.mean + (seconds - self.mean) / 8
+
+    def size(self):
+        if self.mean is None:
+            return self.least
+        fits = CLAIM_AHEAD_SECONDS / self.mean if self.mean > 0 else CLAIM_AHEAD_MOST
+        return max(self.least, min(CLAIM_AHEAD_MOST, int(fits)))
 
 
 class _AsyncPool(_Pool):

@@ -1749,6 +1749,23 @@ def spawns_and_hangs():
 '''
 
 
+def test_threads_claim_further_ahead_while_tasks_are_short():
+    """The decision behind a thread pool's claims, with run times passed in."""
+    window = castor._Window(2)
+    assert window.size() == 2  # nothing run yet: the store's claim_ahead
+    for _ in range(50):
+        window.record(0.00002)  # a no-op task
+    assert window.size() == castor.CLAIM_AHEAD_MOST
+    for _ in range(50):
+        window.record(castor.CLAIM_AHEAD_SECONDS / 5)
+    assert window.size() == 5  # about CLAIM_AHEAD_SECONDS of work waits per thread
+    for _ in range(50):
+        window.record(3.0)
+    assert window.size() == 2  # slow tasks: never fewer than the store's claim_ahead
+    window.record(0.0)  # a clock that did not move
+    assert window.size() == 2
+
+
 @pytest.mark.beaver_only
 def test_timeout_kills_what_the_process_task_started(make_project):
     proj = make_project(SPAWNS_APP)
