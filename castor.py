@@ -2293,6 +2293,8 @@ SELECT d ->> 'id', d ->> 'task_name', d ->> 'mode', 'pending', (d ->> 'priority'
 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(d, i)
 JOIN unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS v(delay, unique_key, i) USING (i)
 ON CONFLICT DO NOTHING"""
+_PG_ADD_NOTIFY = f"WITH added AS ({_PG_ADD} RETURNING 1) SELECT pg_notify('castor', '')"
+
 #: A .map() this big (of a task that is not unique) goes in by COPY: the
 #: server parses each document on its own as the rows stream in, while castor
 #: makes the next ones, instead of one array of them parsed whole at the end.
@@ -2399,21 +2401,28 @@ class _PgConnections(_Store):
                 conn.execute(statement)
         self._schema_ready = True
 
-    def _do(self, work, wait=True, pipeline=False):
+    def _do(self, work, wait=True, pipeline=False, block=True):
         """Run ``work(cursor)`` in a transaction. Connection trouble is retried
         for up to PG_OUTAGE_WAIT when ``wait`` (the work must be safe to
         repeat); in the end any error leaves as StoreError. With ``pipeline``,
         statements go out without waiting for each other's answers (psycopg's
         pipeline mode): a transaction that reads nothing back before its end
-        costs one round trip to the server instead of one a statement."""
+        costs one round trip to the server instead of one a statement.
+
+        ``block=False`` leaves out BEGIN and COMMIT, which cost psycopg more
+        than the statements of a short transaction: a single statement is a
+        transaction by itself, and so are a pipeline's statements, up to the
+        Sync that ends the pipeline (the server's rule for an implicit
+        transaction). Not for work that must hold locks across a read it waits
+        for: psycopg may sync there."""
         psycopg = self.psycopg
         deadline = time.monotonic() + (PG_OUTAGE_WAIT if wait else 0.0)
         pause = 0.05
         while True:
             try:
                 with self._pool.connection() as conn, (
-                        conn.pipeline() if pipeline else contextlib.nullcontext()), \
-                        conn.transaction():
+                        conn.pipeline() if pipeline else contextlib.nullcontext()), (
+                        conn.transaction() if block else contextlib.nullcontext()):
                     return work(conn.cursor())
             except psycopg.OperationalError as exc:  # down, unreachable, restarted
                 if time.monotonic() + pause > deadline:
@@ -2455,6 +2464,8 @@ class _PgTasks(_PgConnections):
     def enqueue(self, new):
         for item in new:
             _pg_check_storable(item.raw, f"the arguments of {item.doc['task_name']}")
+        if all(item.unique_key is None for item in new):  # one statement
+            return self._do(lambda cur: self._add(cur, new), block=False)
         return self._do(lambda cur: self._add(cur, new), pipeline=True)
 
     def enqueue_batch(self, make, batch):
@@ -2491,9 +2502,7 @@ class _PgTasks(_PgConnections):
                     batch[item.unique_key] = item.doc["id"]
             ids.append(task_id)
         if fresh:
-            clock = time.time()
-            cur.execute(_PG_ADD, _pg_columns(fresh, clock))
-            cur.execute("SELECT pg_notify('castor', '')")
+            cur.execute(_PG_ADD_NOTIFY, _pg_columns(fresh, time.time()))
         return [task_id or item.doc["id"] for item, task_id in zip(new, ids)]
 
     def _existing(self, cur, item):
@@ -2520,7 +2529,7 @@ class _PgTasks(_PgConnections):
 
     def get(self, task_id):
         row = self._do(lambda cur: cur.execute(
-            "SELECT doc FROM castor_tasks WHERE id = %s", (task_id,)).fetchone())
+            "SELECT doc FROM castor_tasks WHERE id = %s", (task_id,)).fetchone(), block=False)
         return None if row is None else _load_doc(task_id, row[0])
 
     def list(self, status, name, limit, offset):
@@ -2534,7 +2543,8 @@ class _PgTasks(_PgConnections):
             params.append(name)
         rows = self._do(lambda cur: cur.execute(
             f"SELECT id, doc FROM castor_tasks WHERE {' AND '.join(terms)} "
-            "ORDER BY seq DESC LIMIT %s OFFSET %s", (*params, limit, offset)).fetchall())
+            "ORDER BY seq DESC LIMIT %s OFFSET %s", (*params, limit, offset)).fetchall(),
+            block=False)
         return [_load_doc(task_id, doc) for task_id, doc in rows]
 
     def counts(self):
@@ -2626,17 +2636,19 @@ class _PostgresStore(_PgTasks):
                 if len(done.claimed[mode]) < n:
                     done.idle[mode] = _pg_local_time(etas[mode].fetchone()[0])
             return done
+        block = bool(limits)  # their advisory locks must outlast reads: see _do
         try:
-            return self._do(work, wait=False, pipeline=True)
+            return self._do(work, wait=False, pipeline=True, block=block)
         except _Unstorable:  # a result or report jsonb refuses: it must not block the rest
             self._make_storable(outcomes, progress)
-            return self._do(work, wait=False, pipeline=True)
+            return self._do(work, wait=False, pipeline=True, block=block)
 
     def _make_storable(self, outcomes, progress):
         """Outcomes jsonb refuses become failures that say so; such reports go."""
         def storable(raw):
             try:
-                self._do(lambda cur: cur.execute("SELECT %s::jsonb", (raw,)), wait=False)
+                self._do(lambda cur: cur.execute("SELECT %s::jsonb", (raw,)), wait=False,
+                         block=False)
                 return True
             except _Unstorable:
                 return False
@@ -2711,7 +2723,7 @@ class _PostgresStore(_PgTasks):
     def cancel_requests(self, worker_id):
         rows = self._do(lambda cur: cur.execute(
             "SELECT id FROM castor_tasks WHERE status = 'running' AND worker = %s AND cancel",
-            (worker_id,)).fetchall(), wait=False)
+            (worker_id,)).fetchall(), wait=False, block=False)
         return {task_id for (task_id,) in rows}
 
     def register(self, worker_id, info, now):
@@ -2719,21 +2731,21 @@ class _PostgresStore(_PgTasks):
             f"INSERT INTO castor_workers (id, pid, host, started, heartbeat, info) VALUES "
             f"(%s, %s, %s, {_PG_NOW}, {_PG_NOW}, %s::jsonb) ON CONFLICT (id) DO UPDATE SET "
             "heartbeat = excluded.heartbeat, info = excluded.info",
-            (worker_id, os.getpid(), _host_id(), _dumps(info))), wait=False)
+            (worker_id, os.getpid(), _host_id(), _dumps(info))), wait=False, block=False)
 
     def heartbeat(self, worker_id, now):
         return self._do(lambda cur: cur.execute(
             f"UPDATE castor_workers SET heartbeat = {_PG_NOW} WHERE id = %s",
-            (worker_id,)).rowcount == 1, wait=False)
+            (worker_id,)).rowcount == 1, wait=False, block=False)
 
     def deregister(self, worker_id):
         self._do(lambda cur: cur.execute("DELETE FROM castor_workers WHERE id = %s",
-                                         (worker_id,)), wait=False)
+                                         (worker_id,)), wait=False, block=False)
 
     def workers(self):
         rows = self._do(lambda cur: cur.execute(
             f"SELECT id, pid, host, started, heartbeat, info, {_PG_NOW} - heartbeat "
-            "FROM castor_workers ORDER BY started").fetchall())
+            "FROM castor_workers ORDER BY started").fetchall(), block=False)
         return [_worker_row(*row[:6], age=row[6]) for row in rows]
 
     def reap(self, dead, now, verdict):
@@ -2748,7 +2760,8 @@ class _PostgresStore(_PgTasks):
                                f"{orphans} FOR UPDATE SKIP LOCKED").fetchall()
             return self._give_back(cur, rows, 1, now, verdict)
         if not dead and not self._do(lambda cur: cur.execute(
-                f"SELECT 1 FROM castor_tasks t WHERE {orphans} LIMIT 1").fetchone(), wait=False):
+                f"SELECT 1 FROM castor_tasks t WHERE {orphans} LIMIT 1").fetchone(),
+                wait=False, block=False):
             return []
         return self._do(work, wait=False)
 
@@ -2780,7 +2793,7 @@ class _PostgresStore(_PgTasks):
         # like a version number: converting them through the server's clock
         # would blur the compare-and-set below.
         return dict(self._do(lambda cur: cur.execute(
-            "SELECT name, next_run FROM castor_periodic").fetchall()))
+            "SELECT name, next_run FROM castor_periodic").fetchall(), block=False))
 
     def fire_periodic(self, name, expected, next_run, new):
         def work(cur):
