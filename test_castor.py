@@ -3021,6 +3021,24 @@ def test_a_big_batch_retried_after_its_commit_is_stored_once(pg_project):
         2 * i for i in range(len(batch))] * 2
 
 
+def test_a_pipeline_without_begin_and_commit_is_still_one_transaction(pg_project):
+    """The exchange records and claims in a pipeline with no BEGIN or COMMIT:
+    its statements must still commit or fail together, and leave the
+    connection ready for the next transaction."""
+    proj, _ = pg_project
+    handle, store = proj.mod.add.delay(1, 1), proj.manager._store
+
+    def work(cur):
+        cur.execute("UPDATE castor_tasks SET status = 'running' WHERE id = %s", (handle.id,))
+        cur.execute("SELECT 1 / 0")
+    for _ in range(castor.PG_POOL_SIZE + 1):  # every connection of the pool, and again
+        with pytest.raises(castor.StoreError, match="division by zero"):
+            store._do(work, pipeline=True, block=False)
+        assert proj.manager.counts()["running"] == 0
+    proj.start("--workers", "1")
+    assert handle.join(timeout=20) == 2
+
+
 def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_server):
     if not pg_server.can_restart:
         no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be stopped by the tests")
