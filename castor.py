@@ -4493,8 +4493,24 @@ def _child_main():
         out.send({"fatal": f"{type(exc).__name__}: {exc}"})
         return
     out.send({"ready": True})
-    for line in sys.stdin.buffer:
+    for line in _read_jobs(sys.stdin.buffer):
         out.send(_child_run(manager, line, out, config["limit"]))
+
+
+def _read_jobs(stdin):
+    """A pool child's job lines, read by a thread of their own as they come:
+    a worker writing a job while we write a reply must never wait for us
+    while we wait for it (a pipe holds only 16-64 KiB)."""
+    lines = queue.SimpleQueue()
+
+    def read():
+        try:
+            for line in stdin:
+                lines.put(line)
+        finally:
+            lines.put(None)  # EOF: the worker let us go
+    threading.Thread(target=read, name="castor-jobs", daemon=True).start()
+    return iter(lines.get, None)
 
 
 def _child_run(manager, line, out, limit):

@@ -1312,6 +1312,22 @@ def test_thread_task_in_worker_process_and_process_task_elsewhere(project):
     assert not alive(child)
 
 
+@pytest.mark.beaver_only
+def test_process_tasks_with_big_arguments_and_results_do_not_jam_the_pipes(make_project):
+    """Jobs wait in a child's pipe while it runs one: a job bigger than a pipe
+    holds, written while the child writes a reply as big, must not leave each
+    side waiting for the other."""
+    proj = make_project("""
+@manager.task(mode="process")
+def echo(text):
+    return text
+""")
+    proj.start("--workers", "1")
+    texts = [str(i) * 300_000 for i in range(4)]
+    handles = proj.mod.echo.map([(text,) for text in texts])
+    assert [h.join(timeout=60) for h in handles] == texts
+
+
 def test_failure_propagates_with_type_and_traceback(project):
     project.start("--workers", "1")
     mod = project.mod
