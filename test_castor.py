@@ -232,6 +232,7 @@ class Project:
 
     def __init__(self, path, extra="", store=None):
         self.path, self.store = path, store
+        self.log_dir = path  # where the workers' stdout and stderr files go
         self.module = f"proj{next(_names)}"
         with open(path / f"{self.module}.py", "w") as fh:
             # A worker on another host reaches the server at another address.
@@ -261,7 +262,7 @@ class Project:
         cmd = [sys.executable, "-m", "castor", *flags, target or f"{self.module}:manager"]
         # Files, not pipes: a worker's logs must never fill a pipe and block it.
         n = len(self.workers)
-        out, err = (open(self.path / f"worker{n}.{kind}", "w+") for kind in ("out", "err"))
+        out, err = (open(self.log_dir / f"worker{n}.{kind}", "w+") for kind in ("out", "err"))
         launch = subprocess.Popen if host is None else host.run
         proc = launch(cmd, cwd=self.path, stdout=out, stderr=err, text=True, **popen)
         proc.files = (out, err)
@@ -2754,6 +2755,7 @@ def big_result(n, gate):
 
 def test_full_disk_delay_refuses_and_the_worker_keeps_results(small_disk, tmp_path):
     proj = Project(small_disk, FULL_DISK_APP)
+    proj.log_dir = tmp_path  # on the full disk, the line the test waits for could be lost
     try:
         worker = proj.start("--workers", "1", "--threads", "4")
         gate = str(tmp_path / "gate")  # outside the full disk
