@@ -2293,7 +2293,11 @@ SELECT d ->> 'id', d ->> 'task_name', d ->> 'mode', 'pending', (d ->> 'priority'
 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(d, i)
 JOIN unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS v(delay, unique_key, i) USING (i)
 ON CONFLICT DO NOTHING"""
-_PG_ADD_NOTIFY = f"WITH added AS ({_PG_ADD} RETURNING 1) SELECT pg_notify('castor', '')"
+#: Wakes the listening workers when the transaction it is in commits.
+_PG_NOTIFY = "SELECT pg_notify('castor', '')"
+
+#: New tasks and their wake-up in one statement: a transaction by itself (see _do).
+_PG_ADD_NOTIFY = f"WITH added AS ({_PG_ADD} RETURNING 1) {_PG_NOTIFY}"
 
 #: A .map() this big (of a task that is not unique) goes in by COPY: the
 #: server parses each document on its own as the rows stream in, while castor
@@ -2488,7 +2492,7 @@ class _PgTasks(_PgConnections):
                 doc = item.doc
                 copy.write_row((doc["id"], doc["task_name"], doc["mode"], "pending",
                                 doc["priority"], item.raw))
-        cur.execute("SELECT pg_notify('castor', '')")
+        cur.execute(_PG_NOTIFY)
         return [item.doc["id"] for item in made]
 
     def _add(self, cur, new):
@@ -2599,7 +2603,7 @@ class _PgTasks(_PgConnections):
                                        if self._redrive(cur, task_id, doc, now))
             _pg_bump(cur, done, -1)
             if done:
-                cur.execute("SELECT pg_notify('castor', '')")
+                cur.execute(_PG_NOTIFY)
             return sum(done.values())
         return self._do(work)
 
@@ -2785,7 +2789,7 @@ class _PostgresStore(_PgTasks):
             docs.append(doc)
         _pg_bump(cur, collections.Counter(d["status"] for d in docs if d["status"] in FINISHED))
         if any(doc["status"] == "pending" for doc in docs):
-            cur.execute("SELECT pg_notify('castor', '')")
+            cur.execute(_PG_NOTIFY)
         return docs
 
     def periodic(self):

@@ -45,7 +45,7 @@ from bench import BenchError, fmt_ms, fmt_rate, fmt_ratio, log, ratio, verdict
 PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 PG_DIR_PREFIX = "castor-bench-pg-"
 
-#: castor's drain: two worker processes, each of these flags.
+#: castor's drain: this many worker processes, each with bench.CASTOR_FLAGS.
 DRAIN_WORKERS = 2
 
 PGQ_ENTRYPOINT = "stamp"
@@ -436,15 +436,15 @@ def pgq_drain(server, root, tag, n):
 def measure_enqueue(server, root, n, repeats):
     """Sequential single enqueues, castor .delay and PgQueuer enqueue, alternating."""
     return alternate_rates(server, root, "enqueue", repeats,
-                      lambda side, k: [side.enqueue_one() for _ in range(k)],
-                      lambda client, k: client.enqueue_rate(k), n)
+                           lambda side, k: [side.enqueue_one() for _ in range(k)],
+                           lambda client, k: client.enqueue_rate(k), n)
 
 
 def measure_bulk(server, root, n, repeats):
     """castor .map of n against PgQueuer's batch enqueue of n, alternating."""
     return alternate_rates(server, root, "bulk", repeats,
-                      lambda side, k: side.enqueue_backlog(k),
-                      lambda client, k: client.bulk_rate(k), n)
+                           lambda side, k: side.enqueue_backlog(k),
+                           lambda client, k: client.bulk_rate(k), n)
 
 
 def alternate_rates(server, root, label, repeats, castor_batch, pgq_rate, n):
