@@ -2335,10 +2335,11 @@ _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 
 #: Outcomes recorded in one statement, fenced by worker and lease.
 _PG_RECORD = f"""
-WITH v AS (
-    SELECT * FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(doc, i)
-    JOIN unnest(%s::text[], %s::text[], %s::int[], %s::float8[]) WITH ORDINALITY
-        AS o(id, status, lease, delay, i) USING (i)
+WITH v AS (  -- documents, and [id, status, lease, delay] of each: two JSON arrays
+    SELECT e.doc, o.f ->> 0 AS id, o.f ->> 1 AS status, (o.f ->> 2)::int AS lease,
+        (o.f ->> 3)::float8 AS delay
+    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(doc, i)
+    JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS o(f, i) USING (i)
 ), recorded AS (
     UPDATE castor_tasks t SET status = v.status, doc = v.doc,
         finished = CASE WHEN v.status = 'pending' THEN NULL ELSE {_PG_NOW} END,
@@ -2670,12 +2671,12 @@ class _PostgresStore(_PgTasks):
         clock = time.time()
         for outcome in outcomes:
             _pg_storable_outcome(outcome)
-        return conn.execute(_PG_RECORD, (
-            "[" + ",".join(o.raw for o in outcomes) + "]", [o.doc["id"] for o in outcomes],
-            [o.doc["status"] if o.retry_at is None else "pending" for o in outcomes],
-            [o.lease for o in outcomes],
-            [0.0 if o.retry_at is None else o.retry_at - clock for o in outcomes],
-            worker_id, _pg_shard(worker_id)))
+        # One JSON array, not four typed ones: psycopg dumps arrays in Python.
+        fields = _dumps([[o.doc["id"], o.doc["status"] if o.retry_at is None else "pending",
+                          o.lease, 0.0 if o.retry_at is None else o.retry_at - clock]
+                         for o in outcomes])
+        return conn.execute(_PG_RECORD, ("[" + ",".join(o.raw for o in outcomes) + "]", fields,
+                                         worker_id, _pg_shard(worker_id)))
 
     def _sort_outcomes(self, cur, worker_id, outcomes, recorded, done):
         """Recorded or refused (their lease moved on), from the update's answer."""
@@ -3337,12 +3338,41 @@ def _outcome_note(run, reply, ended, retry_at):
 
 
 def _event(level, message, *args):
-    """Log a task event. Thousands come a second, so the record is made
-    without looking for the caller's frame (which costs more than the line);
-    the logging module's own settings stay as the user has them."""
-    if logger.isEnabledFor(level):
+    """Log a task event. Thousands come a second, two a task, so the record is
+    made without looking for the caller's frame, which costs more than the
+    line; the logging module's own settings stay as the user has them."""
+    if not logger.isEnabledFor(level):
+        return
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        logger.handle(_event_record(level, message, args))
+    else:  # the user's own factory makes every record
         logger.handle(logger.makeRecord(logger.name, level, __file__, 0, message, args, None,
                                         "Worker"))
+
+
+def _event_record(level, message, args):
+    """The LogRecord that Logger.makeRecord would make, in a third less time:
+    what cannot change in this process (file names, process name, the asyncio
+    task: none, in the worker's own thread) is copied from one made the usual way."""
+    fixed, start = _event_fields(os.getpid())
+    fields, now = fixed.copy(), time.time()
+    fields["msg"], fields["args"], fields["levelno"] = message, args, level
+    fields["levelname"] = logging.getLevelName(level)
+    fields["created"], fields["msecs"] = now, int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = (now - start) * 1000
+    if logging.logThreads:
+        fields["thread"], fields["threadName"] = (threading.get_ident(),
+                                                  threading.current_thread().name)
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__ = fields
+    return record
+
+
+@functools.lru_cache(maxsize=1)
+def _event_fields(pid):
+    """A record's fixed fields in process ``pid``, and when logging started."""
+    model = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "", (), None, "Worker")
+    return dict(model.__dict__), model.created - model.relativeCreated / 1000
 
 
 def _log_outcomes(done):

@@ -3345,6 +3345,43 @@ def test_the_worker_leaves_the_apps_logging_alone(make_project):
     assert "INFO" not in worker_err  # --log-level warning: castor's info lines are off
 
 
+def test_task_event_records_are_the_records_logging_makes():
+    def compare(out):
+        made = castor.logger.makeRecord(castor.logger.name, logging.WARNING, castor.__file__, 0,
+                                        "Task %s ended", ("ab12",), None, "Worker")
+        fast = castor._event_record(logging.WARNING, "Task %s ended", ("ab12",))
+        out.append((type(fast), fast.getMessage(), fast.created - made.created,
+                    {k: v for k, v in vars(made).items() if vars(fast).get(k, k) != v}))
+    seen = []
+    compare(seen)
+    helper = threading.Thread(target=compare, args=(seen,), name="another-thread")
+    helper.start()
+    helper.join()
+    for kind, message, later, differ in seen:  # all but the clock, in either thread
+        assert kind is logging.LogRecord and message == "Task ab12 ended"
+        assert 0 <= later < 5 and set(differ) <= {"created", "msecs", "relativeCreated"}
+
+    # A record factory of the user's own makes castor's records too.
+    def factory(*args, **kwargs):
+        record = logging.LogRecord(*args, **kwargs)
+        record.request_id = "r-1"
+        return record
+    caught = []
+    handler = logging.Handler()
+    handler.emit = caught.append
+    level, old_factory = castor.logger.level, logging.getLogRecordFactory()
+    castor.logger.addHandler(handler)
+    castor.logger.setLevel(logging.INFO)
+    logging.setLogRecordFactory(factory)
+    try:
+        castor._event(logging.INFO, "Task %s started", "cd34")
+    finally:
+        logging.setLogRecordFactory(old_factory)
+        castor.logger.removeHandler(handler)
+        castor.logger.setLevel(level)
+    assert [(r.getMessage(), r.request_id) for r in caught] == [("Task cd34 started", "r-1")]
+
+
 @pytest.mark.beaver_only
 def test_bad_log_level_is_a_usage_error(project):
     done = run_cli("--log-level", "chatty", f"{project.module}:manager", cwd=project.path)
