@@ -2287,12 +2287,15 @@ CREATE TABLE IF NOT EXISTS castor_periodic (
 
 #: New tasks, their documents sent as one JSON array: one text parameter is
 #: far cheaper for the driver than an array of documents, escaped one by one.
+#: ROWS FROM zips the arrays side by side. (A join on their ordinality can be
+#: planned as a nested loop that unpacks one array again for each element of
+#: the other: time that grows with the square of the batch.)
 _PG_ADD = f"""
 INSERT INTO castor_tasks (id, name, mode, status, priority, eta, unique_key, doc)
 SELECT d ->> 'id', d ->> 'task_name', d ->> 'mode', 'pending', (d ->> 'priority')::int,
        {_PG_NOW} + v.delay, v.unique_key, d
-FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(d, i)
-JOIN unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS v(delay, unique_key, i) USING (i)
+FROM ROWS FROM (jsonb_array_elements(%s::jsonb), unnest(%s::float8[]), unnest(%s::text[]))
+    AS v(d, delay, unique_key)
 ON CONFLICT DO NOTHING"""
 
 #: Wakes the listening workers when the transaction it is in commits.
@@ -2337,11 +2340,10 @@ _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 
 #: Outcomes recorded in one statement, fenced by worker and lease.
 _PG_RECORD = f"""
-WITH v AS (  -- documents, and [id, status, lease, delay] of each: two JSON arrays
-    SELECT e.doc, o.f ->> 0 AS id, o.f ->> 1 AS status, (o.f ->> 2)::int AS lease,
-        (o.f ->> 3)::float8 AS delay
-    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(doc, i)
-    JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS o(f, i) USING (i)
+WITH v AS (  -- documents, and [id, status, lease, delay] of each: two JSON arrays, zipped
+    SELECT e.doc, e.f ->> 0 AS id, e.f ->> 1 AS status, (e.f ->> 2)::int AS lease,
+        (e.f ->> 3)::float8 AS delay
+    FROM ROWS FROM (jsonb_array_elements(%s::jsonb), jsonb_array_elements(%s::jsonb)) AS e(doc, f)
 ), recorded AS (
     UPDATE castor_tasks t SET status = v.status, doc = v.doc,
         finished = CASE WHEN v.status = 'pending' THEN NULL ELSE {_PG_NOW} END,
@@ -2358,8 +2360,11 @@ SELECT id FROM recorded"""
 
 _PG_PROGRESS = ("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', %s::jsonb) "
                 "WHERE id = %s AND status = 'running'")
-_PG_NEXT_ETA = (f"SELECT min(eta) - {_PG_NOW} FROM castor_tasks WHERE status = 'pending' "
-                "AND mode = %s")
+#: The next due time, as seconds from now; no row when nothing is pending.
+#: Not min(eta): planned from statistics taken while the table was empty, it
+#: read every pending row, where the index in eta order stops at the first.
+_PG_NEXT_ETA = (f"SELECT eta - {_PG_NOW} FROM castor_tasks WHERE status = 'pending' "
+                "AND mode = %s ORDER BY eta LIMIT 1")
 
 
 class _PgConnections(_Store):
@@ -2641,7 +2646,7 @@ class _PostgresStore(_PgTasks):
             for mode, (n, _) in wants.items():
                 done.claimed[mode] = _pg_claimed(claims[mode].fetchall(), worker_id, now)
                 if len(done.claimed[mode]) < n:
-                    done.idle[mode] = _pg_local_time(etas[mode].fetchone()[0])
+                    done.idle[mode] = _pg_local_time(etas[mode].fetchone())
             return done
         block = bool(limits)  # their advisory locks must outlast reads: see _do
         try:
@@ -2845,9 +2850,10 @@ def _pg_claimed(rows, worker_id, now):
             for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
 
 
-def _pg_local_time(left):
-    """A due time the server gave as seconds from its now, on our clock."""
-    return None if left is None else time.time() + left
+def _pg_local_time(row):
+    """A due time the server gave as seconds from its now (a row of one, or
+    None for no row), on our clock."""
+    return None if row is None else time.time() + row[0]
 
 
 def _pg_check_storable(raw, where):
