@@ -96,7 +96,8 @@ and imports are outside them.
      pg2: ``.map`` of N against PgQueuer's batch enqueue of N; castor >= 20,000/s.
      pg3: drain of N no-op tasks by 2 worker processes per side, started after
      the backlog (castor 2 x ``--workers 1 --threads 4``; PgQueuer 2 x ``pgq run
-     --batch-size 100``), by in-task timestamps; castor >= 1x. The notes give
+     --batch-size 100``), by in-task timestamps, medians of 5 alternating
+     rounds (3 in a quick run); castor >= 1x. The notes give
      WAL flushes and bytes per task (pg_stat_wal, pg_current_wal_lsn).
      pg4: both sides' idle workers up (castor ``--workers 1 --threads 4``,
      PgQueuer ``--batch-size 1``), N round trips in alternating blocks: castor

@@ -48,6 +48,12 @@ PG_DIR_PREFIX = "castor-bench-pg-"
 #: castor's drain: this many worker processes, each with bench.CASTOR_FLAGS.
 DRAIN_WORKERS = 2
 
+#: How often a drain's end is looked for: each look is a count on the server
+#: the drain runs on (castor's counts() reads its pending rows; PgQueuer's a
+#: count of its queue table), and at 20 a second castor's took about 4% of the
+#: machine from its own drain. Rates come from the tasks' stamps, not from this.
+DRAIN_POLL = 0.2
+
 PGQ_ENTRYPOINT = "stamp"
 PGQ_BATCH = 100          # jobs per claim, drain (PgQueuer's tuning guide: raise it for short jobs)
 PGQ_LATENCY_BATCH = 1    # latency: the completion log is flushed at once
@@ -272,7 +278,7 @@ def castor_drain(server, root, tag, n):
                                                        flags=bench.CASTOR_FLAGS))
                        for i in range(DRAIN_WORKERS)]
             bench.wait_until(lambda: all_alive(workers) and side.finished() >= n,
-                             max(60.0, n / 20), f"castor draining {n}", workers[0], poll=0.05)
+                             max(60.0, n / 20), f"castor draining {n}", workers[0], poll=DRAIN_POLL)
             wall = time.monotonic() - workers[0].started
         wal = [b - a for a, b in zip(wal0, server.wal())]
         stamps = side.stamps(n)
@@ -415,7 +421,7 @@ def pgq_drain(server, root, tag, n):
                    for i in range(DRAIN_WORKERS)]
         left = lambda: conn.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]  # noqa: E731
         bench.wait_until(lambda: all_alive(workers) and left() == 0, max(60.0, n / 20),
-                         f"PgQueuer draining {n}", workers[0], poll=0.05)
+                         f"PgQueuer draining {n}", workers[0], poll=DRAIN_POLL)
         wall = time.monotonic() - workers[0].started
     wal = [b - a for a, b in zip(wal0, server.wal())]
     stamps = []  # the workers wrote them on their graceful stop
@@ -586,7 +592,8 @@ def measure(cfg, root, attempt):
         attempt("pg_floor", lambda: commit_floor(server, cfg["pg_enqueue"]))
         attempt("pg_enqueue", lambda: measure_enqueue(server, root, cfg["pg_enqueue"], r))
         attempt("pg_bulk", lambda: measure_bulk(server, root, cfg["pg_bulk"], r))
-        attempt("pg_drain", lambda: measure_drain(server, root, cfg["pg_drain"], r))
+        # The drain moves most between rounds here: 5 of them in a full run.
+        attempt("pg_drain", lambda: measure_drain(server, root, cfg["pg_drain"], 2 * r - 1))
         attempt("pg_latency", lambda: measure_latency(server, root, cfg["pg_latency"],
                                                       cfg["idle"]))
     finally:
