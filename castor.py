@@ -125,12 +125,8 @@ IDLE_POLL = 0.002
 #: SQLite busy timeout: a file write-locked by someone else is waited for.
 BUSY_TIMEOUT = 60.0
 
-#: After a write, how long a process's checkpoint thread lets more gather.
+#: After a write, how long a worker's checkpoint thread lets more gather.
 CHECKPOINT_DELAY = 0.2
-
-#: A checkpoint thread with no write to follow for this long ends (and closes
-#: its connection); the next write starts another.
-CHECKPOINT_IDLE = 5.0
 
 #: How long the CLI keeps retrying to import the app while a brand-new
 #: database file is "locked" by another process switching it to WAL.
@@ -1676,8 +1672,8 @@ class _SqliteFile(_Store):
         # synchronous=NORMAL survive a killed process, with no fsync a commit.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA mmap_size = 268435456")
-        # This process's checkpoint thread copies the WAL back, not its commits.
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        if self._checkpointer.running:  # a worker: its thread checkpoints, not its commits
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         if not self._schema_ready:
             self._create_schema(conn)
         return conn
@@ -1728,6 +1724,8 @@ class _SqliteFile(_Store):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def watch(self):
+        self._checkpointer.start()
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         return _InotifyWatch.open(os.path.dirname(self.path))
 
     def check(self):
@@ -1742,7 +1740,6 @@ class _SqliteFile(_Store):
         if conn is not None:
             conn.close()
             self._local.pid = None
-        self._checkpointer.close()
 
     # Documents ----------------------------------------------------------------
 
@@ -2060,68 +2057,41 @@ class _SqliteStore(_SqliteTasks):
 
 
 class _Checkpointer:
-    """A process that writes the file copies the WAL back into it in a thread
-    of its own, a moment after its writes, so that none of its commits has to.
-    Without it, SQLite checkpoints inside whichever commit takes the WAL past
-    1,000 pages, fsyncs included: one .delay() in about 60 paid several
-    milliseconds, and more in a big file, whose random task ids spread the
-    pages to copy back. A checkpoint (PASSIVE: it waits for nobody) takes the
-    checkpoint lock, not the write lock, so writes go on while it runs. The
-    thread ends after CHECKPOINT_IDLE without writes, or at close(): a process
-    that wrote once keeps no thread or connection for it."""
+    """A worker copies the WAL back into the database file in a thread of its
+    own, a moment after writes, so that no commit of its has to. Without it,
+    SQLite checkpoints inside whichever commit takes the WAL past 1,000 pages,
+    fsyncs included; with a worker running, an application's .delay() almost
+    never has to either. A checkpoint (PASSIVE: it waits for nobody) takes the
+    checkpoint lock, not the write lock, so writes go on while it runs."""
 
     def __init__(self, path):
-        self.path, self._wanted, self._lock = path, threading.Event(), threading.Lock()
-        self._owner = self._stop = self._thread = None  # the running thread's
+        self.path, self._wanted, self._pid = path, threading.Event(), None
+
+    @property
+    def running(self):
+        return self._pid == os.getpid()
+
+    def start(self):
+        if not self.running:  # not across fork(): a thread of this process's own
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="castor-checkpoint", daemon=True).start()
 
     def poke(self):
-        """Something was written: checkpoint soon."""
-        if self._wanted.is_set() and self._owner == os.getpid():
-            return
-        self._wanted.set()
-        with self._lock:
-            if self._owner != os.getpid():  # none running; or the parent's, before fork()
-                self._owner, self._stop = os.getpid(), threading.Event()
-                self._thread = threading.Thread(target=self._run, args=(self._stop,),
-                                                name="castor-checkpoint", daemon=True)
-                self._thread.start()
-
-    def close(self):
-        """End the thread, after a last checkpoint."""
-        with self._lock:
-            stop, thread = (self._stop, self._thread) if self._owner == os.getpid() else (
-                None, None)
-            self._owner = self._stop = self._thread = None
-        if stop is not None:
-            stop.set()
+        """Something was written: checkpoint soon (if this process checkpoints)."""
+        if self.running and not self._wanted.is_set():
             self._wanted.set()
-            thread.join(CHECKPOINT_IDLE)  # milliseconds, as a rule; never hang a close()
 
-    def _run(self, stop):
+    def _run(self):
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        try:
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
-            while self._wait(stop):
-                stop.wait(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
-                self._wanted.clear()
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:  # the next write pokes again
-                    logger.debug("checkpoint of %s failed", self.path, exc_info=True)
-        finally:
-            conn.close()
-
-    def _wait(self, stop):
-        """Wait for a write: True; or, stopped or idle too long, end: False."""
-        while not stop.is_set():
-            if self._wanted.wait(CHECKPOINT_IDLE):
-                return True
-            with self._lock:  # a poke now either sees this thread gone or is seen here
-                if not self._wanted.is_set():
-                    if self._stop is stop:
-                        self._owner = self._stop = self._thread = None
-                    return False
-        return False
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        while True:
+            self._wanted.wait()
+            time.sleep(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
+            self._wanted.clear()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:  # the next write pokes again; the net is autocheckpoint
+                logger.debug("checkpoint of %s failed", self.path, exc_info=True)
 
 
 def _begin_immediate(conn):

@@ -1228,50 +1228,6 @@ def test_storage_is_beaver_readable(project):
     assert handle.info()["kwargs"] == {"b": 30}
 
 
-@pytest.mark.beaver_only
-def test_an_application_checkpoints_in_a_thread_of_its_own(tmp_path, monkeypatch):
-    """With no worker running, .delay() never copies the WAL back into the file
-    (SQLite would, in the commit that takes the WAL past 1,000 pages): the
-    process's checkpoint thread does, and ends at close() or when idle."""
-    path = str(tmp_path / "tasks.db")
-    db, before = BeaverDB(path), set(threading.enumerate())
-    manager = Manager(db)
-
-    def threads():
-        return [t for t in threading.enumerate()
-                if t.name == "castor-checkpoint" and t not in before]
-    try:
-        @manager.task(mode="thread")
-        def noop(i):
-            return i
-
-        monkeypatch.setattr(castor, "CHECKPOINT_DELAY", 120.0)  # the thread holds off
-        size = os.path.getsize(path)
-        handles = [noop.delay(i) for i in range(300)]  # thousands of WAL pages
-        assert os.path.getsize(path + "-wal") > 1000 * 4096
-        assert os.path.getsize(path) == size and len(threads()) == 1
-        manager.close()  # a last checkpoint, then the thread ends
-        assert os.path.getsize(path) > size and threads() == []
-        # Every task is in the file itself now, not only in its WAL.
-        copy = str(tmp_path / "copy.db")
-        shutil.copyfile(path, copy)
-        with contextlib.closing(sqlite3.connect(copy)) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            (n,) = conn.execute("SELECT count(*) FROM castor_jobs").fetchone()
-        assert n == 300
-
-        monkeypatch.setattr(castor, "CHECKPOINT_DELAY", 0.05)
-        monkeypatch.setattr(castor, "CHECKPOINT_IDLE", 0.3)
-        size = os.path.getsize(path)
-        handles += noop.map(range(2000))  # the store reopens; so does the thread
-        wait_for(lambda: os.path.getsize(path) > size, what="a checkpoint")
-        wait_for(lambda: threads() == [], what="the idle thread to end")
-        assert manager.counts()["pending"] == 2300
-    finally:
-        manager.close()
-        db.close()
-
-
 def test_immediate_mode_runs_inline(tmp_path, store):
     db = BeaverDB(str(tmp_path / "im.db"))
     try:

