@@ -4177,8 +4177,14 @@ class _AsyncPool(_Pool):
 # which is when the previous reply came. When a child must go (a timeout, a
 # cancel, a crash), the job it was running ends and the ones still waiting
 # in its pipe go back to the pool's queue: they never started.
+#
+# While tasks are short, the pool claims further ahead than its pipes hold, as
+# a thread pool does (_Window, from how long the children took): otherwise
+# the children finish their windows and wait while the worker's loop commits.
+# Those extra tasks wait in the pool's queue, where any idle slot takes them.
 
-#: Jobs a process-pool child may have in its pipe at once, the running one included.
+#: Jobs a process-pool child may have in its pipe at once, the running one
+#: included; also the fewest the pool claims per child.
 PROCESS_WINDOW = 4
 
 
@@ -4188,6 +4194,7 @@ class _ProcessPool(_Pool):
     def __init__(self, config, size, inbox):
         super().__init__(size, inbox)
         self.config = config
+        self.window = _Window(PROCESS_WINDOW)
         self.jobs = queue.SimpleQueue()
         self.runs = {}     # id -> run, until its reply is posted
         self.endings = {}  # id -> the reply of a run castor ends early
@@ -4198,17 +4205,17 @@ class _ProcessPool(_Pool):
 
     @property
     def capacity(self):
-        return self.size * PROCESS_WINDOW
+        return self.size * self.window.size()
 
     def start(self):
         for slot in self.slots:
             slot.start()
 
     def busy(self):
-        return len(self.runs)
+        return sum(1 for slot in self.slots if slot.inflight)
 
     def free(self):
-        # Claims may fill every child's window: tasks wait in pipes, not in the store.
+        # Claimed tasks wait in pipes and in self.jobs, not in the store.
         return self.capacity - len(self.runs)
 
     def idle_slots(self):
@@ -4358,6 +4365,8 @@ class _ProcessSlot(threading.Thread):
     def _finish(self, reply):
         """The running job's reply (or how castor ended it) goes to the inbox."""
         run = self.inflight.popleft()
+        # Two slots may record at once and lose one figure of a running mean.
+        self.pool.window.record(time.monotonic() - self.started)
         if not self.inflight:
             self.pool.idle += 1
         self.pool.post(run, self.pool.endings.get(run.id) or reply)

@@ -1783,6 +1783,22 @@ def test_threads_claim_further_ahead_while_tasks_are_short():
     assert window.size() == 2
 
 
+def test_a_process_pool_claims_past_its_pipes_while_tasks_are_short():
+    """The decision behind a process pool's claims, with run times passed in
+    (no child is started)."""
+    pool = castor._ProcessPool({}, 2, castor._Inbox())
+    try:
+        assert pool.free() == 2 * castor.PROCESS_WINDOW  # nothing run yet: the pipes' worth
+        for _ in range(50):
+            pool.window.record(0.0001)
+        assert pool.free() == 2 * castor.CLAIM_AHEAD_MOST
+        for _ in range(50):
+            pool.window.record(3.0)
+        assert pool.free() == 2 * castor.PROCESS_WINDOW  # slow tasks: no more than the pipes
+    finally:
+        pool.inbox.close()
+
+
 @pytest.mark.beaver_only
 def test_timeout_kills_what_the_process_task_started(make_project):
     proj = make_project(SPAWNS_APP)
@@ -2471,6 +2487,36 @@ def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
     assert sum(starts.values()) == 300 + rerun and rerun > 0
 
 
+def test_kill_9_mid_process_drain_with_tasks_claimed_past_the_pipes(project):
+    """Short process tasks: the pool claims more than its children's pipes
+    hold, and a kill -9 then gives back the claimed ones that had not started."""
+    handles = project.mod.psleepy.map([(0.005, f"p{i}") for i in range(600)])
+    worker = project.start("--workers", "2")
+    in_pipes = 2 * castor.PROCESS_WINDOW
+    wait_for(lambda: project.manager.counts()["running"] > in_pipes, timeout=60,
+             what=f"more than {in_pipes} process tasks claimed at once")
+    kids = children_of(worker.pid)
+    worker.kill()
+    for kid in kids:
+        os.kill(kid, signal.SIGKILL)
+    worker.wait()
+    status = {h.id: h.status() for h in handles}
+    interrupted = [h for h in handles if status[h.id] == "running"]
+    assert len(interrupted) > in_pipes
+    begun = collections.Counter(project.labels())
+    never_began = [h for h in interrupted if not begun[h.info()["args"][1] + ":start"]]
+    assert never_began, "some claimed tasks should have been waiting for a child"
+    project.start("--workers", "2")
+    for handle in handles:
+        handle.join(timeout=60)
+    starts = collections.Counter(label for label in project.labels() if label.endswith(":start"))
+    assert set(starts) == {f"p{i}:start" for i in range(600)}
+    for handle in handles:  # what had not succeeded ran once more; what had, never again
+        label = handle.info()["args"][1] + ":start"
+        assert starts[label] == begun[label] + (status[handle.id] != "success")
+        assert handle.info()["losses"] == (status[handle.id] == "running")
+
+
 def test_task_of_a_dead_worker_moves_to_a_live_one_within_15s(project):
     first = project.start("--workers", "1")
     handle = project.mod.sleepy.delay(5.0, "moved")  # long enough to outlast a start-up
@@ -2597,14 +2643,16 @@ def test_process_that_kills_itself_fails_and_pool_recovers(project):
     assert worker.poll() is None
 
 
-def test_restarting_a_worker_loses_nothing(project):
-    handles = project.mod.sleepy.map([(0.01, f"r{i}") for i in range(150)])
-    worker = project.start("--workers", "1", "--threads", "2")
+@pytest.mark.parametrize("task, flags", [("sleepy", ("--workers", "1", "--threads", "2")),
+                                         ("psleepy", ("--workers", "2"))])
+def test_restarting_a_worker_loses_nothing(project, task, flags):
+    handles = getattr(project.mod, task).map([(0.01, f"r{i}") for i in range(150)])
+    worker = project.start(*flags)
     wait_for(lambda: len(project.runs()) > 40, what="some done")
     code, _, _ = project.stop(worker)
     assert code == 0
     assert any(h.status() == "pending" for h in handles)
-    project.start("--workers", "1", "--threads", "2")
+    project.start(*flags)
     for handle in handles:
         handle.join(timeout=60)
     starts = collections.Counter(l for l in project.labels() if l.endswith(":start"))
