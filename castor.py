@@ -4172,11 +4172,12 @@ class _AsyncPool(_Pool):
 #
 # A slot keeps up to PROCESS_WINDOW jobs in its child's pipe, so the child
 # starts the next one the moment it replies (no round trip per task), but
-# only while no other slot is idle: work waits behind a busy child only when
-# every child is busy. A job's timeout runs from when its child starts it,
-# which is when the previous reply came. When a child must go (a timeout, a
-# cancel, a crash), the job it was running ends and the ones still waiting
-# in its pipe go back to the pool's queue: they never started.
+# only while no other child is up and idle: work waits behind a busy child
+# only when no other could start it now. A job's timeout runs from when its
+# child starts it, which is when the previous reply came. When a child must
+# go (a timeout, a cancel, a crash), the job it was running ends and the
+# ones still waiting in its pipe go back to the pool's queue: they never
+# started.
 #
 # While tasks are short, the pool claims further ahead than its pipes hold, as
 # a thread pool does (_Window, from how long the children took): otherwise
@@ -4200,7 +4201,6 @@ class _ProcessPool(_Pool):
         self.endings = {}  # id -> the reply of a run castor ends early
         self.withdrawn = set()  # ids given back at shutdown before they were sent
         self.silent = False
-        self.idle = size  # slots with nothing in flight
         self.slots = [_ProcessSlot(self, n) for n in range(size)]
 
     @property
@@ -4220,6 +4220,12 @@ class _ProcessPool(_Pool):
 
     def idle_slots(self):
         return max(0, self.size - len(self.runs))
+
+    def ready_slots(self):
+        """Slots whose child is up with nothing in flight: they could start a
+        job now. A child still starting does not count, or the others would
+        take one job at a time until it is up."""
+        return sum(1 for slot in self.slots if slot.child is not None and not slot.inflight)
 
     def submit(self, run):
         self.runs[run.id] = run
@@ -4286,11 +4292,11 @@ class _ProcessSlot(threading.Thread):
 
     def _fill(self):
         """Send jobs to the child: wait for one when idle; take more only
-        while no other slot is idle."""
+        while no other slot is ready."""
         pool = self.pool
         while not self.draining and len(self.inflight) < PROCESS_WINDOW:
             idle = not self.inflight
-            if not idle and pool.idle > 0:
+            if not idle and pool.ready_slots() > 0:
                 return
             try:  # never block with jobs in flight: their replies must be read
                 run = pool.jobs.get(block=idle)
@@ -4306,7 +4312,6 @@ class _ProcessSlot(threading.Thread):
                 pool.post(run, pool.endings[run.id])
                 continue
             if idle:
-                pool.idle -= 1
                 self.started = time.monotonic()
             if not self._send(run):
                 return
@@ -4367,8 +4372,6 @@ class _ProcessSlot(threading.Thread):
         run = self.inflight.popleft()
         # Two slots may record at once and lose one figure of a running mean.
         self.pool.window.record(time.monotonic() - self.started)
-        if not self.inflight:
-            self.pool.idle += 1
         self.pool.post(run, self.pool.endings.get(run.id) or reply)
 
     def _lose_child(self, reply):
@@ -4386,7 +4389,6 @@ class _ProcessSlot(threading.Thread):
         """The child goes and none of its jobs ended: all of them back to the queue."""
         self.kill_child()
         waiting, self.inflight = list(self.inflight), collections.deque()
-        self.pool.idle += 1
         for run in waiting:
             self.pool.jobs.put(run)
 

@@ -1784,8 +1784,8 @@ def test_threads_claim_further_ahead_while_tasks_are_short():
 
 
 def test_a_process_pool_claims_past_its_pipes_while_tasks_are_short():
-    """The decision behind a process pool's claims, with run times passed in
-    (no child is started)."""
+    """The decisions behind a process pool's claims and sends, with run times
+    and children's states set by hand (no child is started)."""
     pool = castor._ProcessPool({}, 2, castor._Inbox())
     try:
         assert pool.free() == 2 * castor.PROCESS_WINDOW  # nothing run yet: the pipes' worth
@@ -1795,6 +1795,14 @@ def test_a_process_pool_claims_past_its_pipes_while_tasks_are_short():
         for _ in range(50):
             pool.window.record(3.0)
         assert pool.free() == 2 * castor.PROCESS_WINDOW  # slow tasks: no more than the pipes
+        first, second = pool.slots
+        first.child = object()  # up; the second's child is still starting
+        assert pool.ready_slots() == 1 and pool.busy() == 0
+        first.inflight.append("a job")
+        # The first may now fill its pipe: no other child could start a job sooner.
+        assert pool.ready_slots() == 0 and pool.busy() == 1
+        second.child = object()
+        assert pool.ready_slots() == 1
     finally:
         pool.inbox.close()
 
