@@ -4203,10 +4203,6 @@ class _ProcessPool(_Pool):
         self.silent = False
         self.slots = [_ProcessSlot(self, n) for n in range(size)]
 
-    @property
-    def capacity(self):
-        return self.size * self.window.size()
-
     def start(self):
         for slot in self.slots:
             slot.start()
@@ -4216,7 +4212,7 @@ class _ProcessPool(_Pool):
 
     def free(self):
         # Claimed tasks wait in pipes and in self.jobs, not in the store.
-        return self.capacity - len(self.runs)
+        return self.size * self.window.size() - len(self.runs)
 
     def idle_slots(self):
         return max(0, self.size - len(self.runs))
