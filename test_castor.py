@@ -3172,6 +3172,32 @@ def test_a_worker_holds_a_few_connections(pg_project, pg_server):
     assert proj.stop(worker)[0] == 0
 
 
+def test_a_claim_reads_only_what_it_takes_from_a_backlog_not_yet_analysed(pg_project, pg_server):
+    """A burst of tasks that autovacuum has not looked at yet: planned on the
+    old statistics, a claim read and sorted every pending row, each time."""
+    proj, name = pg_project
+    first = proj.mod.add.delay(0, 0)  # the tables exist from here
+    with pg_server.admin_connect(name) as conn:
+        conn.execute("ALTER TABLE castor_tasks SET (autovacuum_enabled = false)")
+    handles = [first] + proj.mod.add.map([(i, i) for i in range(30_000)])
+    queue_indexes = ("SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE "
+                     "indexrelname IN ('castor_tasks_ready', 'castor_tasks_eta')")
+    with pg_server.admin_connect(name) as conn:
+        (before,) = conn.execute(queue_indexes).fetchone()
+    other = Manager(proj.store + "?application_name=castor_claim_test")
+    try:
+        claimed = other._store.exchange("w1", [], {}, {"thread": (10, 1)}, {},
+                                        time.time()).claimed["thread"]
+    finally:
+        other.close()
+    assert [doc["id"] for doc, *_ in claimed] == [h.id for h in handles[:10]]
+    with pg_server.admin_connect(name) as conn:
+        # The claim's backend reports its reads as it exits, all at once.
+        read = wait_for(lambda: max(0, conn.execute(queue_indexes).fetchone()[0] - before),
+                        timeout=30, what="the claim's reads reported")
+    assert read < 1_000  # the old plan read all 30,001 pending rows
+
+
 # Command line, examples and copies ###########################################
 
 
