@@ -2344,10 +2344,15 @@ _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 #: sorts every pending row for each claim: measured, 126-227 ms instead of 14 ms
 #: a claim of 256 from a backlog of 100,000, and a session keeps such a plan
 #: once its prepared statement settles on it. With sorting off for the rest of
-#: the transaction, no plan that sorts can win; the queries that follow in it
-#: (claims and the next due time) all have an index in their order.
-_PG_NO_SORT = "SELECT set_config('enable_sort', 'off', true)"
-_PG_SORT = "SELECT set_config('enable_sort', 'on', true)"
+#: the transaction, no plan that sorts can win where another can: the queries
+#: that follow in it (claims and the next due time) have an index in their
+#: order, except a limited claim's final one by seq, which has no plan but a
+#: sort of the few rows picked. Such a plan then costs the planner's penalty
+#: for a disabled step (10^10), far past the cost at which the server compiles
+#: a query with JIT: 200-250 ms a claim, measured. So JIT goes off too: castor's
+#: statements are all short. Each statement after this always runs with these
+#: settings, so the generic plan a session caches for it is made with them too.
+_PG_NO_SORT = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
 
 #: Outcomes recorded in one statement, fenced by worker and lease.
 _PG_RECORD = f"""
@@ -2720,15 +2725,13 @@ class _PostgresStore(_PgTasks):
 
     def _send_claim(self, conn, worker_id, mode, n, idle, limits, now):
         """Send the claim of up to ``n`` due tasks of ``mode``; its cursor."""
-        args = (n, worker_id, _iso(now), worker_id)
-        if not limits:
-            return conn.execute(_PG_CLAIM.format(where=_PG_READY), (mode, *args))
-        seqs = self._pick_limited(conn.cursor(), mode, n, idle, limits)
-        # The rows picked, by seq: sorting them is cheap, walking the index to them not.
-        conn.execute(_PG_SORT)
-        claim = conn.execute(_PG_CLAIM.format(where="seq = ANY(%s)"), (seqs, *args))
-        conn.execute(_PG_NO_SORT)
-        return claim
+        if limits:
+            seqs = self._pick_limited(conn.cursor(), mode, n, idle, limits)
+            where, params = "seq = ANY(%s)", [seqs]  # by the primary key, then sorted
+        else:
+            where, params = _PG_READY, [mode]
+        return conn.execute(_PG_CLAIM.format(where=where),
+                            (*params, n, worker_id, _iso(now), worker_id))
 
     def _pick_limited(self, cur, mode, n, idle, limits):
         """As _SqliteStore._pick_limited; the advisory locks make workers
