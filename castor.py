@@ -2352,7 +2352,7 @@ _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 #: a query with JIT: 200-250 ms a claim, measured. So JIT goes off too: castor's
 #: statements are all short. Each statement after this always runs with these
 #: settings, so the generic plan a session caches for it is made with them too.
-_PG_NO_SORT = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
+_PG_CLAIM_SETTINGS = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
 
 #: Outcomes recorded in one statement, fenced by worker and lease.
 _PG_RECORD = f"""
@@ -2656,7 +2656,7 @@ class _PostgresStore(_PgTasks):
             for task_id, report in progress.items():
                 conn.execute(_PG_PROGRESS, (_dumps(report), task_id))
             if wants:
-                conn.execute(_PG_NO_SORT)
+                conn.execute(_PG_CLAIM_SETTINGS)
             claims = {mode: self._send_claim(conn, worker_id, mode, n, idle, limits, now)
                       for mode, (n, idle) in wants.items()}
             etas = {mode: conn.execute(_PG_NEXT_ETA, (mode,)) for mode in wants}
@@ -2727,7 +2727,7 @@ class _PostgresStore(_PgTasks):
         """Send the claim of up to ``n`` due tasks of ``mode``; its cursor."""
         if limits:
             seqs = self._pick_limited(conn.cursor(), mode, n, idle, limits)
-            where, params = "seq = ANY(%s)", [seqs]  # by the primary key, then sorted
+            where, params = "seq = ANY(%s)", [seqs]  # the few rows picked, then sorted
         else:
             where, params = _PG_READY, [mode]
         return conn.execute(_PG_CLAIM.format(where=where),
