@@ -125,7 +125,7 @@ IDLE_POLL = 0.002
 #: SQLite busy timeout: a file write-locked by someone else is waited for.
 BUSY_TIMEOUT = 60.0
 
-#: After a write, how long a worker's checkpoint thread lets more gather.
+#: After a write, how long a process's checkpoint thread lets more gather.
 CHECKPOINT_DELAY = 0.2
 
 #: How long the CLI keeps retrying to import the app while a brand-new
@@ -1672,8 +1672,7 @@ class _SqliteFile(_Store):
         # synchronous=NORMAL survive a killed process, with no fsync a commit.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA mmap_size = 268435456")
-        if self._checkpointer.running:  # a worker: its thread checkpoints, not its commits
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread's job
         if not self._schema_ready:
             self._create_schema(conn)
         return conn
@@ -1724,8 +1723,6 @@ class _SqliteFile(_Store):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def watch(self):
-        self._checkpointer.start()
-        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         return _InotifyWatch.open(os.path.dirname(self.path))
 
     def check(self):
@@ -1736,6 +1733,7 @@ class _SqliteFile(_Store):
                              "was using it")
 
     def close(self):
+        self._checkpointer.stop()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -2057,41 +2055,55 @@ class _SqliteStore(_SqliteTasks):
 
 
 class _Checkpointer:
-    """A worker copies the WAL back into the database file in a thread of its
-    own, a moment after writes, so that no commit of its has to. Without it,
-    SQLite checkpoints inside whichever commit takes the WAL past 1,000 pages,
-    fsyncs included; with a worker running, an application's .delay() almost
-    never has to either. A checkpoint (PASSIVE: it waits for nobody) takes the
-    checkpoint lock, not the write lock, so writes go on while it runs."""
+    """Each process that writes copies the WAL back into the database file in
+    a thread of its own, a moment after its writes, so that none of its
+    commits has to. Left to SQLite, the checkpoint runs inside whichever
+    commit takes the WAL past 1,000 pages, fsyncs included: a .delay() that
+    stalls now and then, and a .map() of 5,000 paying for one every time. A
+    checkpoint (PASSIVE: it waits for nobody) takes the checkpoint lock, not
+    the write lock, so writes go on while it runs; when another process's is
+    running, this one's gives way, and the next write tries again."""
 
     def __init__(self, path):
-        self.path, self._wanted, self._pid = path, threading.Event(), None
-
-    @property
-    def running(self):
-        return self._pid == os.getpid()
-
-    def start(self):
-        if not self.running:  # not across fork(): a thread of this process's own
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="castor-checkpoint", daemon=True).start()
+        self.path, self._wanted, self._pid, self._stopped = path, threading.Event(), None, None
+        self._starting = threading.Lock()
 
     def poke(self):
-        """Something was written: checkpoint soon (if this process checkpoints)."""
-        if self.running and not self._wanted.is_set():
+        """Something was written: checkpoint soon."""
+        if self._pid != os.getpid():  # the first write (since close), or a fork's child
+            with self._starting:
+                if self._pid != os.getpid():
+                    self._start()
+        if not self._wanted.is_set():
             self._wanted.set()
 
-    def _run(self):
+    def stop(self):
+        """End the thread (after its checkpoint, if one is running)."""
+        if self._pid == os.getpid():
+            self._pid = None
+            self._stopped.set()
+            self._wanted.set()
+
+    def _start(self):
+        self._pid, self._stopped = os.getpid(), threading.Event()
+        self._wanted = threading.Event()  # a fork's copy may be set: no thread waits on it
+        threading.Thread(target=self._run, args=(self._wanted, self._stopped),
+                         name="castor-checkpoint", daemon=True).start()
+
+    def _run(self, wanted, stopped):
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
-        while True:
-            self._wanted.wait()
-            time.sleep(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
-            self._wanted.clear()
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:  # the next write pokes again; the net is autocheckpoint
-                logger.debug("checkpoint of %s failed", self.path, exc_info=True)
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            while not stopped.is_set():
+                wanted.wait()
+                stopped.wait(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
+                wanted.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # the next write pokes again
+                    logger.debug("checkpoint of %s failed", self.path, exc_info=True)
+        finally:
+            conn.close()
 
 
 def _begin_immediate(conn):

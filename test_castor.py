@@ -1676,6 +1676,33 @@ def test_map_enqueues_in_one_go(project):
     assert [h.join(timeout=20) for h in items] == ["a", "b"]
 
 
+def checkpoint_threads():
+    return {t for t in threading.enumerate() if t.name == "castor-checkpoint"}
+
+
+@pytest.mark.beaver_only
+def test_a_producer_checkpoints_in_a_thread_of_its_own_not_in_its_commits(project,
+                                                                         monkeypatch):
+    """An application's commits never copy the WAL back into the file (with
+    its fsyncs): a thread of the process does it, soon after, and ends on close."""
+    add, path = project.mod.add, str(project.path / "tasks.db")
+    theirs = checkpoint_threads()  # other tests' managers, maybe
+    monkeypatch.setattr(castor, "CHECKPOINT_DELAY", 3600.0)  # this thread waits: only close ends it
+    size = os.path.getsize(path)
+    add.map([(i, i) for i in range(8000)])  # a WAL far past SQLite's 1,000 pages
+    assert os.path.getsize(path + "-wal") > 1000 * 4096
+    assert os.path.getsize(path) == size  # no commit checkpointed
+    assert len(checkpoint_threads() - theirs) == 1
+    project.manager.close()  # its thread checkpoints once more, and ends
+    wait_for(lambda: not checkpoint_threads() - theirs, what="the checkpoint thread's end")
+    assert os.path.getsize(path) > size + 1000 * 4096
+    monkeypatch.undo()  # with the usual short delay, the thread checkpoints by itself
+    size = os.path.getsize(path)
+    add.map([(i, i) for i in range(8000)])
+    wait_for(lambda: os.path.getsize(path) > size + 1000 * 4096, what="a checkpoint")
+    assert project.manager.counts()["pending"] == 16000
+
+
 def test_a_big_map_keeps_every_argument_as_it_was(project):
     """PostgreSQL takes a batch this big by COPY, whose text format escapes
     tabs, newlines and backslashes: each argument comes back as it went in."""
