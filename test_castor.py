@@ -3314,7 +3314,7 @@ client = TestClient(app)
 posted = client.post("/calculate")
 assert posted.status_code == 202, posted.text
 task_id = posted.json()["task_id"]
-assert posted.json()["status"] == "pending"
+assert posted.json()["status"] in ("pending", "running")  # a worker may have it already
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     body = client.get(f"/tasks/{task_id}").json()
