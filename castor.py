@@ -128,6 +128,17 @@ BUSY_TIMEOUT = 60.0
 #: After a write, how long a process's checkpoint thread lets more gather.
 CHECKPOINT_DELAY = 0.2
 
+#: A WAL longer than this (in pages) after a checkpoint is copied back in
+#: full, so that the next write starts it over (see _checkpoint) ...
+WAL_RESTART_PAGES = 4000
+
+#: ... writers held off only once a checkpoint found fewer new pages than this.
+CATCH_UP_PAGES = 256
+
+#: A WAL file that grew past this many bytes in a burst of writes is cut back
+#: to it when the WAL starts over (SQLite otherwise keeps the file's size).
+WAL_SIZE_LIMIT = 64 << 20
+
 #: How long the CLI keeps retrying to import the app while a brand-new
 #: database file is "locked" by another process switching it to WAL.
 OPEN_RETRY_TIMEOUT = 30.0
@@ -1673,6 +1684,7 @@ class _SqliteFile(_Store):
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA mmap_size = 268435456")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread's job
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         if not self._schema_ready:
             self._create_schema(conn)
         return conn
@@ -2091,7 +2103,8 @@ class _Checkpointer:
                          name="castor-checkpoint", daemon=True).start()
 
     def _run(self, wanted, stopped):
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn, writer = (sqlite3.connect(self.path, timeout=0, isolation_level=None)
+                        for _ in range(2))
         try:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             while not stopped.is_set():
@@ -2099,11 +2112,38 @@ class _Checkpointer:
                 stopped.wait(CHECKPOINT_DELAY)  # let more writes gather into one checkpoint
                 wanted.clear()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    _checkpoint(conn, writer)
                 except sqlite3.Error:  # the next write pokes again
                     logger.debug("checkpoint of %s failed", self.path, exc_info=True)
         finally:
             conn.close()
+            writer.close()
+
+
+def _checkpoint(conn, writer):
+    """Copy the WAL back into the file, waiting for nobody (PASSIVE). A
+    passive checkpoint copies only what the WAL held when it began, and the
+    WAL starts over only once all of it is copied: writes that never pause
+    would make it grow without end (450 MB for 16,000 tasks from four
+    producers, measured). So, past WAL_RESTART_PAGES, more passes copy what
+    came in during the last, until little does; then ``writer`` holds the
+    write lock while ``conn`` copies the rest (a few hundred pages and two
+    fsyncs, 5-16 ms measured), and the next write starts the WAL over."""
+    busy, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if busy or pages <= WAL_RESTART_PAGES:  # busy: another process's checkpoint is running
+        return
+    for _ in range(8):  # catch up on what came in meanwhile: then the writers wait little
+        busy, more, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy:
+            return
+        more, pages = more - pages, more
+        if more < CATCH_UP_PAGES:
+            break
+    _begin_immediate(writer)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        writer.execute("ROLLBACK")
 
 
 def _begin_immediate(conn):
@@ -2115,7 +2155,7 @@ def _begin_immediate(conn):
     producer among several could stall for a tenth of a second while the
     others commit in a fraction of a millisecond; this looks every few tenths
     of a millisecond instead. Inside the transaction nothing waits: the lock
-    is held, and a commit's checkpoint is a passive one.
+    is held, and castor's commits never checkpoint (see _Checkpointer).
     """
     deadline, pause = None, 0.0001
     while True:

@@ -1703,6 +1703,69 @@ def test_a_producer_checkpoints_in_a_thread_of_its_own_not_in_its_commits(projec
     assert project.manager.counts()["pending"] == 16000
 
 
+def wal_restarts(path):
+    """How many times the WAL at ``path`` has started over (its header's checkpoint sequence)."""
+    try:
+        with open(path + "-wal", "rb") as fh:
+            header = fh.read(16)
+    except FileNotFoundError:
+        return None
+    return struct.unpack(">I", header[12:16])[0] if len(header) == 16 else None
+
+
+@pytest.mark.beaver_only
+def test_the_wal_starts_over_while_producers_never_pause(project):
+    """A passive checkpoint copies only what was in the WAL when it began, so
+    writes that never pause would grow it without end: 450 MB for 16,000
+    tasks from four producers, measured, before the checkpoint thread made
+    the WAL start over."""
+    path = str(project.path / "tasks.db")
+    project.mod.add.delay(0, 0)
+    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
+              "as m\nsys.stdin.read(1)\nfor i in range(6000): m.add.delay(i, i)\n")
+    producers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    for proc in producers:  # both start at the same moment, and write until the end
+        proc.stdin.write("x")
+        proc.stdin.flush()
+    seen = set()
+    while all(proc.poll() is None for proc in producers):
+        seen.add(wal_restarts(path))
+        time.sleep(0.01)
+    for proc in producers:
+        assert proc.wait(timeout=120) == 0
+    assert len(seen - {None}) >= 3, seen  # it started over at least twice while both wrote
+    assert os.path.getsize(path + "-wal") <= castor.WAL_SIZE_LIMIT + (64 << 20)
+    assert project.manager.counts()["pending"] == 12001
+
+
+@pytest.mark.beaver_only
+def test_kill_9_of_a_producer_while_its_wal_starts_over_loses_no_commit(project, tmp_path):
+    """A producer killed among its checkpoints (one of which holds the write
+    lock for a moment) loses nothing it committed, and leaves no lock behind."""
+    path = str(project.path / "tasks.db")
+    project.mod.add.delay(0, 0)
+    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
+              "as m\nfor i in range(10 ** 6): print(m.add.delay(i, i).id, flush=True)\n")
+    start = wal_restarts(path)
+    with open(tmp_path / "ids", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out)
+    try:
+        wait_for(lambda: wal_restarts(path) >= start + 2, timeout=60,
+                 what="the WAL starting over twice")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    ids = (tmp_path / "ids").read_text().split()
+    pending = project.manager.counts()["pending"]
+    assert len(ids) + 1 <= pending <= len(ids) + 2  # printed after its commit: one more at most
+    assert all(project.manager.get_task_by_id(task_id).status() == "pending"
+               for task_id in ids[-50:])
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert project.mod.add.delay(1, 1).status() == "pending"  # no lock left behind
+
+
 def test_a_big_map_keeps_every_argument_as_it_was(project):
     """PostgreSQL takes a batch this big by COPY, whose text format escapes
     tabs, newlines and backslashes: each argument comes back as it went in."""
