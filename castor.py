@@ -132,8 +132,12 @@ CHECKPOINT_DELAY = 0.2
 #: full, so that the next write starts it over (see _checkpoint) ...
 WAL_RESTART_PAGES = 4000
 
-#: ... writers held off only once a checkpoint found fewer new pages than this.
+#: ... writers held off only once a checkpoint found fewer new pages than this ...
 CATCH_UP_PAGES = 256
+
+#: ... and only if the write lock is free within this many seconds: the
+#: thread waits its turn in Python, for a core and for the GIL.
+RESTART_PATIENCE = 0.02
 
 #: A WAL file that grew past this many bytes in a burst of writes is cut back
 #: to it when the WAL starts over (SQLite otherwise keeps the file's size).
@@ -1724,11 +1728,11 @@ class _SqliteFile(_Store):
         try:
             yield conn
             conn.execute("COMMIT")
-            self._checkpointer.poke()
         except BaseException:
             if conn.in_transaction:  # also after a failed COMMIT (disk full...)
                 conn.execute("ROLLBACK")
             raise
+        self._checkpointer.poke()
 
     @_sqlite_errors
     def version(self):
@@ -2066,6 +2070,15 @@ class _SqliteStore(_SqliteTasks):
         return bool(won)
 
 
+#: Held around each SQLite call of a checkpoint thread, and by fork(): a child
+#: must not inherit SQLite's record of a lock that only a thread of its parent
+#: held (its checkpoints would then find the file busy for good).
+_FORK_GUARD = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release,
+                        after_in_child=_FORK_GUARD.release)
+
+
 class _Checkpointer:
     """Each process that writes copies the WAL back into the database file in
     a thread of its own, a moment after its writes, so that none of its
@@ -2074,23 +2087,24 @@ class _Checkpointer:
     stalls now and then, and a .map() of 5,000 paying for one every time. A
     checkpoint (PASSIVE: it waits for nobody) takes the checkpoint lock, not
     the write lock, so writes go on while it runs; when another process's is
-    running, this one's gives way, and the next write tries again."""
+    running, this one's gives way, and the next write tries again. Only to
+    let the WAL start over does it hold the write lock, briefly (see
+    _checkpoint)."""
 
     def __init__(self, path):
         self.path, self._wanted, self._pid, self._stopped = path, threading.Event(), None, None
-        self._starting = threading.Lock()
 
     def poke(self):
-        """Something was written: checkpoint soon."""
+        """Something was written: checkpoint soon. Never raises: the write is done."""
         if self._pid != os.getpid():  # the first write (since close), or a fork's child
-            with self._starting:
+            with _FORK_GUARD:
                 if self._pid != os.getpid():
                     self._start()
         if not self._wanted.is_set():
             self._wanted.set()
 
     def stop(self):
-        """End the thread (after its checkpoint, if one is running)."""
+        """End the thread, after one last checkpoint (which may run after this returns)."""
         if self._pid == os.getpid():
             self._pid = None
             self._stopped.set()
@@ -2099,13 +2113,20 @@ class _Checkpointer:
     def _start(self):
         self._pid, self._stopped = os.getpid(), threading.Event()
         self._wanted = threading.Event()  # a fork's copy may be set: no thread waits on it
-        threading.Thread(target=self._run, args=(self._wanted, self._stopped),
-                         name="castor-checkpoint", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, args=(self._wanted, self._stopped),
+                             name="castor-checkpoint", daemon=True).start()
+        except RuntimeError:  # at interpreter shutdown: the next process's writes checkpoint
+            self._pid = None
+            logger.debug("no checkpoint thread for %s", self.path, exc_info=True)
 
     def _run(self, wanted, stopped):
-        conn, writer = (sqlite3.connect(self.path, timeout=0, isolation_level=None)
-                        for _ in range(2))
+        conn = writer = None
         try:
+            # A passive checkpoint never waits for another's, but may for a
+            # moment's lock (a connection closing); the writer waits its own way.
+            conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+            writer = sqlite3.connect(self.path, timeout=0, isolation_level=None)
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             while not stopped.is_set():
                 wanted.wait()
@@ -2115,9 +2136,14 @@ class _Checkpointer:
                     _checkpoint(conn, writer)
                 except sqlite3.Error:  # the next write pokes again
                     logger.debug("checkpoint of %s failed", self.path, exc_info=True)
+        except Exception:
+            logger.warning("the checkpoint thread of %s failed", self.path, exc_info=True)
         finally:
-            conn.close()
-            writer.close()
+            for each in (conn, writer):
+                if each is not None:
+                    each.close()
+            if self._stopped is stopped:  # it failed: the next write starts another
+                self._pid = None
 
 
 def _checkpoint(conn, writer):
@@ -2126,30 +2152,42 @@ def _checkpoint(conn, writer):
     WAL starts over only once all of it is copied: writes that never pause
     would make it grow without end (450 MB for 16,000 tasks from four
     producers, measured). So, past WAL_RESTART_PAGES, more passes copy what
-    came in during the last, until little does; then ``writer`` holds the
-    write lock while ``conn`` copies the rest (a few hundred pages and two
-    fsyncs, 5-16 ms measured), and the next write starts the WAL over."""
-    busy, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    came in during the last, until little does; then, if ``writer`` gets the
+    write lock within RESTART_PATIENCE, ``conn`` copies the rest while it
+    holds it (a few hundred pages and two fsyncs, 5-16 ms measured), and the
+    next write starts the WAL over. Otherwise (a long transaction, say) it
+    tries again after the next write."""
+    with _FORK_GUARD:
+        busy, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if busy or pages <= WAL_RESTART_PAGES:  # busy: another process's checkpoint is running
         return
     for _ in range(8):  # catch up on what came in meanwhile: then the writers wait little
-        busy, more, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        with _FORK_GUARD:
+            busy, more, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if busy:
             return
         more, pages = more - pages, more
         if more < CATCH_UP_PAGES:
             break
-    _begin_immediate(writer)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    finally:
-        writer.execute("ROLLBACK")
+    else:
+        return
+    with _FORK_GUARD:
+        try:
+            _begin_immediate(writer, patience=RESTART_PATIENCE)
+        except sqlite3.OperationalError as exc:  # busy: writers are not kept waiting for us
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_BUSY:
+                return
+            raise
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            writer.execute("ROLLBACK")
 
 
-def _begin_immediate(conn):
+def _begin_immediate(conn, patience=BUSY_TIMEOUT):
     """BEGIN IMMEDIATE, waiting for another process's write lock in short,
-    jittered steps for up to BUSY_TIMEOUT, on a connection whose own busy wait
-    is off.
+    jittered steps for up to ``patience`` seconds, on a connection whose own
+    busy wait is off.
 
     SQLite's own busy handler sleeps in growing steps, up to 100 ms, so one
     producer among several could stall for a tenth of a second while the
@@ -2165,7 +2203,7 @@ def _begin_immediate(conn):
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) != _SQLITE_BUSY:
                 raise
-            deadline = deadline or time.monotonic() + BUSY_TIMEOUT
+            deadline = deadline or time.monotonic() + patience
             if time.monotonic() > deadline:
                 raise
         time.sleep(pause * random.uniform(0.5, 1.5))

@@ -1703,14 +1703,18 @@ def test_a_producer_checkpoints_in_a_thread_of_its_own_not_in_its_commits(projec
     assert project.manager.counts()["pending"] == 16000
 
 
-def wal_restarts(path):
-    """How many times the WAL at ``path`` has started over (its header's checkpoint sequence)."""
+def wal_salt(path):
+    """The WAL's first salt, which goes up by one each time the WAL starts over."""
     try:
         with open(path + "-wal", "rb") as fh:
-            header = fh.read(16)
+            header = fh.read(20)
     except FileNotFoundError:
         return None
-    return struct.unpack(">I", header[12:16])[0] if len(header) == 16 else None
+    return struct.unpack(">I", header[16:20])[0] if len(header) == 20 else None
+
+
+def restarts_since(path, salt):
+    return (wal_salt(path) - salt) % 2 ** 32
 
 
 @pytest.mark.beaver_only
@@ -1718,40 +1722,49 @@ def test_the_wal_starts_over_while_producers_never_pause(project):
     """A passive checkpoint copies only what was in the WAL when it began, so
     writes that never pause would grow it without end: 450 MB for 16,000
     tasks from four producers, measured, before the checkpoint thread made
-    the WAL start over."""
+    the WAL start over. Two producers write until it has started over twice
+    past WAL_RESTART_PAGES (at most 20,000 tasks each: over 1 GB of WAL if it never does)."""
     path = str(project.path / "tasks.db")
     project.mod.add.delay(0, 0)
     script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
-              "as m\nsys.stdin.read(1)\nfor i in range(6000): m.add.delay(i, i)\n")
+              "as m\nsys.stdin.read(1)\nfor i in range(20000): m.add.delay(i, i)\n")
     producers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                                   text=True) for _ in range(2)]
-    for proc in producers:  # both start at the same moment, and write until the end
+    for proc in producers:  # both start at the same moment
         proc.stdin.write("x")
         proc.stdin.flush()
-    seen = set()
-    while all(proc.poll() is None for proc in producers):
-        seen.add(wal_restarts(path))
-        time.sleep(0.01)
-    for proc in producers:
-        assert proc.wait(timeout=120) == 0
-    assert len(seen - {None}) >= 3, seen  # it started over at least twice while both wrote
-    assert os.path.getsize(path + "-wal") <= castor.WAL_SIZE_LIMIT + (64 << 20)
-    assert project.manager.counts()["pending"] == 12001
+    big = 32 + castor.WAL_RESTART_PAGES * (24 + 4096)  # bytes: a header, then frames
+    salts, deadline = set(), time.monotonic() + 120
+    try:
+        while len(salts) < 3 and all(proc.poll() is None for proc in producers):
+            assert time.monotonic() < deadline, "the producers did not finish"
+            if os.path.getsize(path + "-wal") > big:  # not the small WAL's restarts at first
+                salts.add(wal_salt(path))
+            time.sleep(0.005)
+        assert all(proc.poll() is None for proc in producers), \
+            f"the producers finished, and the WAL started over {len(salts) - 1} times"
+    finally:
+        for proc in producers:
+            proc.kill()
+            proc.wait(timeout=30)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 @pytest.mark.beaver_only
-def test_kill_9_of_a_producer_while_its_wal_starts_over_loses_no_commit(project, tmp_path):
-    """A producer killed among its checkpoints (one of which holds the write
-    lock for a moment) loses nothing it committed, and leaves no lock behind."""
+def test_kill_9_of_a_producer_amid_wal_restarts_loses_no_commit(project, tmp_path):
+    """A producer killed while its checkpoint thread makes the WAL start over
+    (holding the write lock for a moment now and then) loses nothing it
+    committed, and leaves no lock behind."""
     path = str(project.path / "tasks.db")
     project.mod.add.delay(0, 0)
     script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
               "as m\nfor i in range(10 ** 6): print(m.add.delay(i, i).id, flush=True)\n")
-    start = wal_restarts(path)
+    salt = wal_salt(path)
     with open(tmp_path / "ids", "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=out)
     try:
-        wait_for(lambda: wal_restarts(path) >= start + 2, timeout=60,
+        wait_for(lambda: restarts_since(path, salt) >= 2, timeout=60,
                  what="the WAL starting over twice")
     finally:
         proc.kill()
@@ -1764,6 +1777,65 @@ def test_kill_9_of_a_producer_while_its_wal_starts_over_loses_no_commit(project,
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert project.mod.add.delay(1, 1).status() == "pending"  # no lock left behind
+
+
+FORK_IN_A_CHECKPOINT = """
+import os, sys, sqlite3, threading, time
+sys.path.insert(0, {dir!r})
+import castor, {module} as m
+entered, real = threading.Event(), castor._checkpoint
+def spy(conn, writer):
+    entered.set()
+    real(conn, writer)
+castor._checkpoint = spy
+castor.CHECKPOINT_DELAY = 1.0  # this thread is waiting before the checkpoint begins
+m.add.map([(i, i) for i in range(20000)])  # some 14 MB of WAL: its copy takes 50 ms and more
+assert entered.wait(60)
+time.sleep(0.002)  # inside the checkpoint's copy
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        m.add.delay(1, 1)
+        conn = sqlite3.connect({path!r}, timeout=0, isolation_level=None)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # busy while the parent's is running, then free
+            if conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0:
+                code = 0
+                break
+            time.sleep(0.05)
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.beaver_only
+def test_a_child_forked_during_a_checkpoint_can_checkpoint(project):
+    """fork() waits for the checkpoint thread's SQLite call: a child forked in
+    the middle of one would inherit SQLite's record of a lock its parent's
+    thread held, and find the file busy for every checkpoint of its own."""
+    project.mod  # the file exists
+    script = FORK_IN_A_CHECKPOINT.format(dir=str(project.path), module=project.module,
+                                         path=str(project.path / "tasks.db"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "child 0" in done.stdout, (done.stdout, done.stderr)
+
+
+@pytest.mark.beaver_only
+def test_a_first_delay_at_interpreter_exit_is_stored_once_without_error(project):
+    """No thread can start at interpreter shutdown: the write still returns its handle."""
+    project.mod.add.delay(0, 0)
+    script = (f"import atexit, sys; sys.path.insert(0, {str(project.path)!r}); "
+              f"import {project.module} as m\n"
+              "atexit.register(lambda: print('stored', m.add.delay(1, 2).status()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "stored pending" in done.stdout, done.stderr
+    assert project.manager.counts()["pending"] == 2
 
 
 def test_a_big_map_keeps_every_argument_as_it_was(project):
