@@ -2657,13 +2657,29 @@ def test_kill_9_mid_drain_then_restart_reruns_the_interrupted(project):
     assert sum(starts.values()) == 300 + rerun and rerun > 0
 
 
+def _proc_state(pid):
+    """A process's state letter from /proc (R, S, T for stopped...)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_kill_9_mid_process_drain_with_tasks_claimed_past_the_pipes(project):
     """Short process tasks: the pool claims more than its children's pipes
     hold, and a kill -9 then gives back the claimed ones that had not started."""
     handles = project.mod.psleepy.map([(0.005, f"p{i}") for i in range(600)])
     worker = project.start("--workers", "2")
     in_pipes = 2 * castor.PROCESS_WINDOW
-    wait_for(lambda: project.manager.counts()["running"] > in_pipes, timeout=60,
+
+    def stopped_with_more_than_the_pipes_running():
+        """The worker stopped (it records nothing more) while more than its
+        children's pipes hold are running in the store; else let it go on."""
+        worker.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _proc_state(worker.pid) in ("T", "t"), what="the worker stopped")
+        if project.manager.counts()["running"] > in_pipes:
+            return True
+        worker.send_signal(signal.SIGCONT)
+        return False
+    wait_for(stopped_with_more_than_the_pipes_running, timeout=60, interval=0.005,
              what=f"more than {in_pipes} process tasks claimed at once")
     kids = children_of(worker.pid)
     worker.kill()
