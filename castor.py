@@ -2092,7 +2092,8 @@ class _Checkpointer:
     _checkpoint)."""
 
     def __init__(self, path):
-        self.path, self._wanted, self._pid, self._stopped = path, threading.Event(), None, None
+        self.path, self._pid = path, None
+        self._wanted = self._stopped = None  # the running thread's, made by _start
 
     def poke(self):
         """Something was written: checkpoint soon. Never raises: the write is done."""
@@ -2146,6 +2147,9 @@ class _Checkpointer:
                 self._pid = None
 
 
+_PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
+
+
 def _checkpoint(conn, writer):
     """Copy the WAL back into the file, waiting for nobody (PASSIVE). A
     passive checkpoint copies only what the WAL held when it began, and the
@@ -2157,13 +2161,11 @@ def _checkpoint(conn, writer):
     holds it (a few hundred pages and two fsyncs, 5-16 ms measured), and the
     next write starts the WAL over. Otherwise (a long transaction, say) it
     tries again after the next write."""
-    with _FORK_GUARD:
-        busy, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    busy, pages = _passive_checkpoint(conn)
     if busy or pages <= WAL_RESTART_PAGES:  # busy: another process's checkpoint is running
         return
     for _ in range(8):  # catch up on what came in meanwhile: then the writers wait little
-        with _FORK_GUARD:
-            busy, more, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        busy, more = _passive_checkpoint(conn)
         if busy:
             return
         more, pages = more - pages, more
@@ -2179,9 +2181,16 @@ def _checkpoint(conn, writer):
                 return
             raise
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.execute(_PASSIVE)
         finally:
             writer.execute("ROLLBACK")
+
+
+def _passive_checkpoint(conn):
+    """(busy, pages in the WAL) after a passive checkpoint, fork() held off."""
+    with _FORK_GUARD:
+        busy, pages, _ = conn.execute(_PASSIVE).fetchone()
+    return busy, pages
 
 
 def _begin_immediate(conn, patience=BUSY_TIMEOUT):

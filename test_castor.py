@@ -256,6 +256,11 @@ class Project:
     def manager(self):
         return self.mod.manager
 
+    def script(self, body):
+        """Python source that imports the task module as ``m``, then runs ``body``."""
+        return (f"import sys\nsys.path.insert(0, {str(self.path)!r})\n"
+                f"import {self.module} as m\n{body}")
+
     def start(self, *flags, target=None, wait=True, host=None, **popen):
         """A worker as a subprocess: ``python -m castor MODULE:manager`` (on
         another ``host``, a network namespace, if given)."""
@@ -1472,8 +1477,12 @@ def test_pool_children_cannot_start_workers(project):
     assert project.worker_rows() == 0
 
 
+def threads_named(name):
+    return {t for t in threading.enumerate() if t.name == name}
+
+
 def listening_threads():
-    return {t for t in threading.enumerate() if t.name == "castor-listen"}
+    return threads_named("castor-listen")
 
 
 def test_worker_inside_a_program_stops_cleanly(project):
@@ -1677,7 +1686,12 @@ def test_map_enqueues_in_one_go(project):
 
 
 def checkpoint_threads():
-    return {t for t in threading.enumerate() if t.name == "castor-checkpoint"}
+    return threads_named("castor-checkpoint")
+
+
+def assert_intact(path):
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 @pytest.mark.beaver_only
@@ -1726,8 +1740,7 @@ def test_the_wal_starts_over_while_producers_never_pause(project):
     past WAL_RESTART_PAGES (at most 20,000 tasks each: over 1 GB of WAL if it never does)."""
     path = str(project.path / "tasks.db")
     project.mod.add.delay(0, 0)
-    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
-              "as m\nsys.stdin.read(1)\nfor i in range(20000): m.add.delay(i, i)\n")
+    script = project.script("sys.stdin.read(1)\nfor i in range(20000): m.add.delay(i, i)\n")
     producers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                                   text=True) for _ in range(2)]
     for proc in producers:  # both start at the same moment
@@ -1747,8 +1760,7 @@ def test_the_wal_starts_over_while_producers_never_pause(project):
         for proc in producers:
             proc.kill()
             proc.wait(timeout=30)
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert_intact(path)
 
 
 @pytest.mark.beaver_only
@@ -1758,8 +1770,7 @@ def test_kill_9_of_a_producer_amid_wal_restarts_loses_no_commit(project, tmp_pat
     committed, and leaves no lock behind."""
     path = str(project.path / "tasks.db")
     project.mod.add.delay(0, 0)
-    script = (f"import sys; sys.path.insert(0, {str(project.path)!r}); import {project.module} "
-              "as m\nfor i in range(10 ** 6): print(m.add.delay(i, i).id, flush=True)\n")
+    script = project.script("for i in range(10 ** 6): print(m.add.delay(i, i).id, flush=True)\n")
     salt = wal_salt(path)
     with open(tmp_path / "ids", "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=out)
@@ -1774,8 +1785,7 @@ def test_kill_9_of_a_producer_amid_wal_restarts_loses_no_commit(project, tmp_pat
     assert len(ids) + 1 <= pending <= len(ids) + 2  # printed after its commit: one more at most
     assert all(project.manager.get_task_by_id(task_id).status() == "pending"
                for task_id in ids[-50:])
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert_intact(path)
     assert project.mod.add.delay(1, 1).status() == "pending"  # no lock left behind
 
 
@@ -1829,9 +1839,8 @@ def test_a_child_forked_during_a_checkpoint_can_checkpoint(project):
 def test_a_first_delay_at_interpreter_exit_is_stored_once_without_error(project):
     """No thread can start at interpreter shutdown: the write still returns its handle."""
     project.mod.add.delay(0, 0)
-    script = (f"import atexit, sys; sys.path.insert(0, {str(project.path)!r}); "
-              f"import {project.module} as m\n"
-              "atexit.register(lambda: print('stored', m.add.delay(1, 2).status()))\n")
+    script = project.script(
+        "import atexit\natexit.register(lambda: print('stored', m.add.delay(1, 2).status()))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "stored pending" in done.stdout, done.stderr
@@ -2177,10 +2186,8 @@ def test_progress_outside_a_task_and_bad_values(project):
 def test_unique_task_two_producers_racing(make_project, tmp_path):
     proj = make_project(OPS_APP)
     gate = str(tmp_path / "gate")
-    script = ("import sys; sys.path.insert(0, %r); import %s as m\n"
-              "sys.stdin.read(1)\n"
-              "print(' '.join(m.once_at_a_time.delay('k', %r).id for _ in range(50)))"
-              % (str(proj.path), proj.module, gate))
+    script = proj.script("sys.stdin.read(1)\nprint(' '.join(m.once_at_a_time.delay("
+                         f"'k', {gate!r}).id for _ in range(50)))")
     producers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in producers:  # both start at the same moment
