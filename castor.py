@@ -109,6 +109,11 @@ MAX_LOSSES = 3
 #: The longest delay, timeout or period castor accepts (about 31 years).
 MAX_SECONDS = 1e9
 
+#: Workers' clocks may differ by this much (periodic slots are kept in the
+#: firing worker's clock): a stored slot further ahead than the schedule
+#: puts one, by more than this, is an older schedule's and is replaced.
+SCHEDULE_SKEW = 60.0
+
 #: The default largest task document (arguments) or result, in bytes of JSON.
 MAX_PAYLOAD = 16 * 1024 * 1024
 
@@ -274,7 +279,8 @@ class Manager:
         """Task documents, newest first, optionally of one status and task name."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
-        return self._store.list(status, name, _int(limit, "limit"), _int(offset, "offset"))
+        return self._store.list(status, name, _row_count(limit, "limit"),
+                                _row_count(offset, "offset"))
 
     def counts(self):
         """``{"pending": n, "running": n, "success": n, ...}`` without a scan."""
@@ -407,7 +413,9 @@ class Task:
         """The key that makes a pending or running task "the same", or None."""
         if self.unique is False:
             return None
-        key = self.unique(*args, **kwargs) if callable(self.unique) else [args, kwargs]
+        # f(a=1, b=2) and f(b=2, a=1) are one call: keywords in name order.
+        key = (self.unique(*args, **kwargs) if callable(self.unique)
+               else [args, dict(sorted(kwargs.items()))])
         import hashlib
         text = _to_json([self.name, key], f"the unique key of {self.name}")
         return hashlib.sha256(text.encode()).hexdigest()
@@ -415,15 +423,19 @@ class Task:
     def _run_inline(self, doc):
         """Immediate mode: run now, retries included, and store the outcome."""
         # The function sees JSON, as in a worker, and refuses what a worker would.
-        doc = json.loads(_dumps(doc))
+        doc = self._run_attempts(json.loads(_dumps(doc)))
+        self.manager._store.put_finished(doc)
+        return TaskHandle(self.manager, doc["id"], self.name)
+
+    def _run_attempts(self, doc):
+        """Immediate mode: the task's attempts, back to back; its finished document."""
         for attempt in range(1, self.retries + 2):
             doc.update(attempts=attempt, started_at=_iso(time.time()))
             reply = _run_inline_attempt(self, doc)
             if reply["ok"] or reply.get("cancelled"):
                 break
         _finish_doc(doc, reply, time.time())
-        self.manager._store.put_finished(doc)
-        return TaskHandle(self.manager, doc["id"], self.name)
+        return doc
 
 
 class _Batch:
@@ -506,8 +518,16 @@ class TaskHandle:
 
     def retry(self):
         """Run a failed or cancelled task again; False if it has not finished
-        (or succeeded). Its previous error stays in the document's history."""
-        return self.manager._store.requeue([self.id], None, None, time.time()) == 1
+        (or succeeded). Its previous error stays in the document's history.
+        In immediate mode it runs again here and now."""
+        store = self.manager._store
+        if store.requeue([self.id], None, None, time.time()) != 1:
+            return False
+        task = self.manager._tasks.get(self.name)
+        doc = store.get(self.id) if self.manager.immediate and task is not None else None
+        if doc is not None:
+            store.finish_pending(task._run_attempts(doc))
+        return True
 
     def join(self, timeout=None):
         """Wait for the result; raise TimeoutError or the task's exception."""
@@ -672,6 +692,13 @@ def _check_function(func, mode, periodic):
 def _int(value, what):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {value!r}")
+    return value
+
+
+def _row_count(value, what):
+    """A row count or offset: an int both stores' integers hold."""
+    if not 0 <= _int(value, what) < 2 ** 63:
+        raise ValueError(f"{what} must be from 0 to 2**63 - 1, not {value}")
     return value
 
 
@@ -1302,6 +1329,11 @@ class _Store:
         """Store a task that already ran (immediate mode)."""
         raise NotImplementedError
 
+    def finish_pending(self, doc):
+        """Record a pending task that ran in the caller's process (a retry in
+        immediate mode) as finished; False if it was no longer pending."""
+        raise NotImplementedError
+
     def get(self, task_id):
         """A task document, or None."""
         raise NotImplementedError
@@ -1806,6 +1838,17 @@ class _SqliteTasks(_SqliteFile):
                 "INSERT INTO castor_jobs (id, name, mode, status, finished) VALUES (?, ?, ?, ?, ?)",
                 (doc["id"], doc["task_name"], doc["mode"], doc["status"], time.time()))
             conn.execute(_BUMP, (doc["status"], 1))
+
+    @_sqlite_errors
+    def finish_pending(self, doc):
+        with self._write() as conn:
+            if not conn.execute("UPDATE castor_jobs SET status = ?, finished = ? WHERE id = ? "
+                                "AND status = 'pending'",
+                                (doc["status"], time.time(), doc["id"])).rowcount:
+                return False
+            conn.execute(_SET_DOC, (_dumps(doc), doc["id"]))
+            conn.execute(_BUMP, (doc["status"], 1))
+        return True
 
     @_sqlite_errors
     def get(self, task_id):
@@ -2653,6 +2696,19 @@ class _PgTasks(_PgConnections):
             if cur.rowcount:
                 _pg_bump(cur, {doc["status"]: 1})
         self._do(work)
+
+    def finish_pending(self, doc):
+        raw = _dumps(doc)
+        _pg_check_storable(raw, f"the outcome of {doc['task_name']}")
+
+        def work(cur):
+            cur.execute(f"UPDATE castor_tasks SET status = %s, finished = {_PG_NOW}, "
+                        "doc = %s::jsonb WHERE id = %s AND status = 'pending'",
+                        (doc["status"], raw, doc["id"]))
+            if cur.rowcount:
+                _pg_bump(cur, {doc["status"]: 1})
+            return cur.rowcount == 1
+        return self._do(work)
 
     def get(self, task_id):
         row = self._do(lambda cur: cur.execute(
@@ -3586,10 +3642,18 @@ def _redriven(doc, now):
 def _next_slot(task, last, now):
     """(fire now?, next run) of a periodic task whose stored next run is ``last``.
 
-    Slots missed while no worker ran are run once, not replayed one by one.
+    Slots missed while no worker ran are run once, not replayed one by one. A
+    stored slot further ahead than the task's schedule can put one is an
+    older schedule's (``every=3600`` made ``every=60``): the new one starts now.
     """
     if last is not None and last > now:
-        return False, last
+        if task.every is not None:
+            if last <= now + task.every + SCHEDULE_SKEW:
+                return False, last
+            return False, now + task.every
+        if last <= task.cron.next_after(now + SCHEDULE_SKEW):
+            return False, last
+        return False, task.cron.next_after(now)
     if task.every is not None:
         if last is not None and last + task.every > now:
             return True, last + task.every  # on time: keep the rhythm
@@ -3705,9 +3769,12 @@ class _Scheduler:
                 continue
             last = stored.get(task.name)
             fire, next_run = _next_slot(task, last, now)
-            if not fire and last is not None:
+            if not fire and next_run == last:  # the stored slot stands
                 self.due[task.name] = next_run
                 continue
+            if not fire and last is not None:
+                logger.info("Periodic task %s: its schedule changed; next run at %s",
+                            task.name, _iso(next_run))
             new = task._new((), {}, now, now, task.priority) if fire else None
             if self.store.fire_periodic(task.name, last, next_run, new) and fire:
                 logger.info("Periodic task %s enqueued as %s", task.name, new.doc["id"][:8])
@@ -5230,6 +5297,9 @@ WEB_POLL_MS = 2000
 #: The largest POST body, in bytes: the forms carry a few short fields.
 WEB_MAX_FORM = 16 * 1024
 
+#: A list offset past this is cut to it (SQLite's integers end at 2**63).
+WEB_MAX_OFFSET = 10 ** 12
+
 #: Characters of a task's arguments shown in the list, "…" after that.
 WEB_ARGS_PREVIEW = 80
 
@@ -5532,7 +5602,9 @@ class _Response:
     def __init__(self, status, body, ctype="text/html; charset=utf-8", headers=(),
                  cache="no-store"):
         self.status, self.ctype, self.headers, self.cache = status, ctype, list(headers), cache
-        self.body = body.encode() if isinstance(body, str) else body
+        # A task's data may hold a lone surrogate (a file name from os.listdir
+        # that is not UTF-8): shown as its escape, never a failed page.
+        self.body = body.encode("utf-8", "backslashreplace") if isinstance(body, str) else body
 
     def send(self, start_response, method):
         headers = [("Content-Type", self.ctype), ("Content-Length", str(len(self.body))),
@@ -5621,9 +5693,9 @@ def _web_view(fields):
     """The list's filters from a query or a form: status, name, offset, checked."""
     status = fields.get("status") or None
     offset = fields.get("offset", "")
+    offset = min(int(offset), WEB_MAX_OFFSET) if offset.isascii() and offset.isdigit() else 0
     return {"status": status if status in STATUSES else None,
-            "name": fields.get("name", "").strip() or None,
-            "offset": int(offset) if offset.isascii() and offset.isdigit() else 0}
+            "name": fields.get("name", "").strip() or None, "offset": offset}
 
 
 def _web_days(text):
@@ -6408,7 +6480,7 @@ def _prune_arguments(parser):
 
 def _web_arguments(parser):
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (8000)")
     parser.add_argument("--auth", metavar="USER:PASSWORD", type=_credentials,
                         help="require HTTP basic authentication (or set CASTOR_WEB_AUTH)")
     _log_level_argument(parser)
@@ -6447,11 +6519,22 @@ def _age(text):
     return seconds
 
 
+def _port(text):
+    import argparse
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def _credentials(text):
     import argparse
-    if ":" not in text or not text.split(":", 1)[0]:
+    if not _is_credentials(text):
         raise argparse.ArgumentTypeError("expected USER:PASSWORD")
     return text
+
+
+def _is_credentials(text):
+    return ":" in text and bool(text.split(":", 1)[0])
 
 
 #: Each command's own arguments.
@@ -6672,8 +6755,11 @@ def _print_table(headers, rows):
 
 
 def _web_command(manager, args):
-    handler = _setup_logging(args.log_level)
     auth = args.auth or os.environ.get("CASTOR_WEB_AUTH") or None
+    if auth is not None and not _is_credentials(auth):  # never echoed: it is a secret
+        sys.stderr.write("castor web: error: CASTOR_WEB_AUTH: expected USER:PASSWORD\n")
+        return 2
+    handler = _setup_logging(args.log_level)
     try:
         return _serve_web(manager, args.host, args.port, auth)
     finally:

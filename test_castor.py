@@ -1259,6 +1259,21 @@ def test_immediate_mode_runs_inline(tmp_path, store):
             assert db.dict("castor_tasks")[handle.id]["result"] == [4, 4]
         assert manager.get_task_by_id(handle.id).info()["result"] == [4, 4]
         assert manager.counts()["success"] == 3 and manager.counts()["failed"] == 1
+        calls = []
+
+        @manager.task(mode="thread")
+        def flaky():
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyError("first run")
+            return len(calls)
+
+        again = flaky.delay()
+        assert again.status() == "failed"
+        assert again.retry() and again.status() == "success" and again.join() == 2  # at once
+        assert again.info()["history"][0]["status"] == "failed"
+        assert not again.retry()  # it succeeded
+        assert manager.counts()["success"] == 4 and manager.counts()["failed"] == 1
     finally:
         db.close()
         manager.close()
@@ -2209,6 +2224,14 @@ def test_unique_task_two_producers_racing(make_project, tmp_path):
     assert proj.mod.once_at_a_time.delay("k", gate).id != handle.id  # finished: a new one
 
 
+def test_unique_keyword_arguments_in_any_order_are_one_task(make_project):
+    proj = make_project(OPS_APP)
+    first = proj.mod.once_at_a_time.delay(key="k", gate="g")
+    assert proj.mod.once_at_a_time.delay(gate="g", key="k") == first
+    assert proj.mod.once_at_a_time.delay(key="k", gate="h") != first
+    assert proj.manager.counts()["pending"] == 2
+
+
 def test_unique_by_a_key_function(make_project):
     proj = make_project(OPS_APP)
     first = proj.mod.per_user.delay("ann", note="a")
@@ -2269,6 +2292,40 @@ def test_cron_slots_fire_once_across_workers(make_project):
         "cron * * * * * (Europe/Paris)"]
     stats = run_cli("stats", f"{proj.module}:manager", cwd=proj.path).stdout
     assert "every_minute" in stats and "cron * * * * * (Europe/Paris)" in stats
+
+
+def test_a_changed_schedule_replaces_the_stored_slot(make_project):
+    """every=3600 made every=60, a yearly cron made one every five minutes:
+    the new schedule starts now, not after the old one's next slot."""
+    proj = make_project(CRON_APP)
+    store, task = proj.manager._store, proj.manager.task
+
+    def tidy():
+        return None
+    t0 = datetime.datetime(2026, 3, 10, 12, 1, tzinfo=datetime.timezone.utc).timestamp()
+    assert castor._Scheduler(store, [task(mode="thread", every=3600)(tidy)]).tick(t0)
+    minutely = task(mode="thread", every=60)(tidy)
+    assert store.periodic()[minutely.name] == t0 + 3600
+    one = castor._Scheduler(store, [minutely])
+    assert not one.tick(t0 + 10)  # replaced, not fired
+    assert store.periodic()[minutely.name] == t0 + 70
+    assert not one.tick(t0 + 69) and one.tick(t0 + 71)
+    assert store.periodic()[minutely.name] == t0 + 130
+    # A worker whose clock is 50 s behind keeps the slot: clocks may differ.
+    assert not castor._Scheduler(store, [minutely]).tick(t0 + 21)
+    assert store.periodic()[minutely.name] == t0 + 130
+
+    def nightly():
+        return None
+    yearly = task(mode="thread", cron="0 0 1 1 *", tz="UTC")(nightly)
+    assert not castor._Scheduler(store, [yearly]).tick(t0)  # the first slot is only noted
+    new_year = datetime.datetime(2027, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+    assert store.periodic()[yearly.name] == new_year
+    five = castor._Scheduler(store, [task(mode="thread", cron="*/5 * * * *", tz="UTC")(nightly)])
+    assert not five.tick(t0 + 1)
+    assert store.periodic()[yearly.name] == t0 + 240  # 12:05, not next year
+    assert five.tick(t0 + 241)
+    assert proj.manager.counts()["pending"] == 3
 
 
 @pytest.mark.beaver_only
@@ -3714,6 +3771,9 @@ def test_inspection_commands(make_project):
     (("cancel", "{t}"), "the following arguments are required: ID"),
     (("info",), "the following arguments are required"),
     (("tasks", "nowhere:manager"), "no module named 'nowhere'"),
+    (("web", "{t}", "--port", "99999"), "expected a port number from 0 to 65535"),
+    (("web", "{t}", "--port", "-1"), "expected a port number from 0 to 65535"),
+    (("web", "{t}", "--auth", "admin"), "expected USER:PASSWORD"),
 ])
 @pytest.mark.beaver_only
 def test_inspection_usage_errors(project, args, message):
@@ -3721,6 +3781,16 @@ def test_inspection_usage_errors(project, args, message):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+@pytest.mark.beaver_only
+def test_a_bad_castor_web_auth_is_a_usage_error_that_shows_no_secret(project):
+    env = dict(os.environ, CASTOR_WEB_AUTH="hunter2")
+    done = subprocess.run([sys.executable, "-m", "castor", "web", f"{project.module}:manager",
+                           "--port", "0"], cwd=project.path, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "hunter2" not in done.stderr, done.stderr
+    assert done.stderr.strip() == "castor web: error: CASTOR_WEB_AUTH: expected USER:PASSWORD"
 
 
 @pytest.mark.beaver_only
@@ -5072,6 +5142,22 @@ def test_post_without_csrf_token_is_refused(web_project):
     assert handle.status() == "cancelled"
     assert fetch(url + "prune")[0] == 405
     assert fetch(url + "nowhere")[0] == 404
+
+
+@pytest.mark.beaver_only  # PostgreSQL's jsonb refuses a lone surrogate at .delay()
+def test_a_lone_surrogate_or_a_huge_offset_never_breaks_the_web_view(web_project):
+    name = os.fsdecode(b"caf\xe9.txt")  # a file name that is not UTF-8
+    handle = web_project.mod.add.schedule((name, "x"), delay=3600)
+    _, url = serve_web(web_project)
+    huge = "9" * 30
+    for page in ("", "api/summary", f"task/{handle.id}", f"?offset={huge}",
+                 f"api/summary?offset={huge}"):
+        status, _, body = fetch(url + page)
+        assert status == 200, (page, body)
+    assert "caf\\udce9.txt" in fetch(url + f"task/{handle.id}")[2]
+    assert name in json.loads(fetch(url + "api/summary")[2])["tasks"][0]["args"]
+    with pytest.raises(ValueError, match="offset"):
+        web_project.manager.tasks(offset=2 ** 63)
 
 
 @pytest.mark.beaver_only
