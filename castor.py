@@ -3772,13 +3772,14 @@ class _Scheduler:
             if not fire and next_run == last:  # the stored slot stands
                 self.due[task.name] = next_run
                 continue
-            if not fire and last is not None:
-                logger.info("Periodic task %s: its schedule changed; next run at %s",
-                            task.name, _iso(next_run))
             new = task._new((), {}, now, now, task.priority) if fire else None
-            if self.store.fire_periodic(task.name, last, next_run, new) and fire:
+            won = self.store.fire_periodic(task.name, last, next_run, new)  # one worker wins
+            if won and fire:
                 logger.info("Periodic task %s enqueued as %s", task.name, new.doc["id"][:8])
                 fired = True
+            elif won and last is not None:
+                logger.info("Periodic task %s: its schedule changed; next run at %s",
+                            task.name, _iso(next_run))
             self.due.pop(task.name, None)  # read the stored slot again next time
         return fired
 

@@ -2294,7 +2294,7 @@ def test_cron_slots_fire_once_across_workers(make_project):
     assert "every_minute" in stats and "cron * * * * * (Europe/Paris)" in stats
 
 
-def test_a_changed_schedule_replaces_the_stored_slot(make_project):
+def test_a_changed_schedule_replaces_the_stored_slot(make_project, caplog):
     """every=3600 made every=60, a yearly cron made one every five minutes:
     the new schedule starts now, not after the old one's next slot."""
     proj = make_project(CRON_APP)
@@ -2307,8 +2307,11 @@ def test_a_changed_schedule_replaces_the_stored_slot(make_project):
     minutely = task(mode="thread", every=60)(tidy)
     assert store.periodic()[minutely.name] == t0 + 3600
     one = castor._Scheduler(store, [minutely])
-    assert not one.tick(t0 + 10)  # replaced, not fired
+    with caplog.at_level(logging.INFO, logger="castor"):
+        assert not one.tick(t0 + 10)  # replaced, not fired
     assert store.periodic()[minutely.name] == t0 + 70
+    assert [r.getMessage() for r in caplog.records if "schedule changed" in r.getMessage()] == [
+        f"Periodic task {minutely.name}: its schedule changed; next run at {castor._iso(t0 + 70)}"]
     assert not one.tick(t0 + 69) and one.tick(t0 + 71)
     assert store.periodic()[minutely.name] == t0 + 130
     # A worker whose clock is 50 s behind keeps the slot: clocks may differ.
