@@ -296,7 +296,18 @@ class Manager:
         given, in one transaction; return how many went back to pending."""
         if status not in ("failed", "cancelled"):
             raise ValueError(f"requeue takes status 'failed' or 'cancelled', not {status!r}")
-        return self._store.requeue(None, status, name, time.time())
+        ids = self._store.requeue(None, status, name, time.time())
+        self._run_requeued(ids)
+        return len(ids)
+
+    def _run_requeued(self, ids):
+        """Immediate mode: tasks just made pending again run here and now (a
+        task this registry does not know stays pending, for a worker)."""
+        for task_id in ids if self.immediate else ():
+            doc = self._store.get(task_id)
+            task = self._tasks.get(doc.get("task_name")) if doc is not None else None
+            if task is not None:
+                self._store.finish_pending(task._run_attempts(doc))
 
     def workers(self):
         """The live workers: id, host, pid, started, heartbeat, pools."""
@@ -520,14 +531,9 @@ class TaskHandle:
         """Run a failed or cancelled task again; False if it has not finished
         (or succeeded). Its previous error stays in the document's history.
         In immediate mode it runs again here and now."""
-        store = self.manager._store
-        if store.requeue([self.id], None, None, time.time()) != 1:
-            return False
-        task = self.manager._tasks.get(self.name)
-        doc = store.get(self.id) if self.manager.immediate and task is not None else None
-        if doc is not None:
-            store.finish_pending(task._run_attempts(doc))
-        return True
+        ids = self.manager._store.requeue([self.id], None, None, time.time())
+        self.manager._run_requeued(ids)
+        return bool(ids)
 
     def join(self, timeout=None):
         """Wait for the result; raise TimeoutError or the task's exception."""
@@ -1356,7 +1362,7 @@ class _Store:
 
     def requeue(self, ids, status, name, now):
         """Failed or cancelled tasks back to pending (by id, or all of
-        ``status`` and ``name``), their history kept; how many."""
+        ``status`` and ``name``), their history kept; the ids of those."""
         raise NotImplementedError
 
     def version(self):
@@ -1921,7 +1927,7 @@ class _SqliteTasks(_SqliteFile):
                 rows = conn.execute(
                     "SELECT id, status FROM castor_jobs WHERE status = ? AND finished IS NOT "
                     "NULL AND (? IS NULL OR name = ?)", (status, name, name)).fetchall()
-            done = collections.Counter()
+            done, ids = collections.Counter(), []
             for task_id, was in rows:
                 # OR IGNORE: a unique task already pending again stays single.
                 if conn.execute("UPDATE OR IGNORE castor_jobs SET status = 'pending', "
@@ -1929,8 +1935,9 @@ class _SqliteTasks(_SqliteFile):
                                 "WHERE id = ?", (now, task_id)).rowcount:
                     self._put_doc(conn, _redriven(self._doc_in(conn, task_id), now))
                     done[was] += 1
+                    ids.append(task_id)
             self._bump(conn, done, -1)
-        return sum(done.values())
+        return ids
 
 
 class _SqliteStore(_SqliteTasks):
@@ -2778,12 +2785,12 @@ class _PgTasks(_PgConnections):
                     "SELECT id, status, doc FROM castor_tasks WHERE status = %s AND finished "
                     "IS NOT NULL AND (%s::text IS NULL OR name = %s) FOR UPDATE",
                     (status, name, name)).fetchall()
-            done = collections.Counter(was for task_id, was, doc in rows
-                                       if self._redrive(cur, task_id, doc, now))
-            _pg_bump(cur, done, -1)
-            if done:
+            redriven = [(task_id, was) for task_id, was, doc in rows
+                        if self._redrive(cur, task_id, doc, now)]
+            _pg_bump(cur, collections.Counter(was for _, was in redriven), -1)
+            if redriven:
                 cur.execute(_PG_NOTIFY)
-            return sum(done.values())
+            return [task_id for task_id, _ in redriven]
         return self._do(work)
 
     def _redrive(self, cur, task_id, doc, now):

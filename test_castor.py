@@ -1274,6 +1274,11 @@ def test_immediate_mode_runs_inline(tmp_path, store):
         assert again.info()["history"][0]["status"] == "failed"
         assert not again.retry()  # it succeeded
         assert manager.counts()["success"] == 4 and manager.counts()["failed"] == 1
+        calls.clear()
+        twice = [flaky.delay() for _ in range(2)]  # the first fails, the second succeeds
+        assert manager.requeue(name=flaky.name) == 1  # the failed one, run again at once
+        assert [h.status() for h in twice] == ["success", "success"]
+        assert manager.counts()["success"] == 6 and manager.counts()["failed"] == 1
     finally:
         db.close()
         manager.close()
