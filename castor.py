@@ -303,7 +303,9 @@ class Manager:
     def _run_requeued(self, ids):
         """Immediate mode: tasks just made pending again run here and now (a
         task this registry does not know stays pending, for a worker)."""
-        for task_id in ids if self.immediate else ():
+        if not self.immediate:
+            return
+        for task_id in ids:
             doc = self._store.get(task_id)
             task = self._tasks.get(doc.get("task_name")) if doc is not None else None
             if task is not None:
