@@ -2742,17 +2742,21 @@ def test_kill_9_mid_process_drain_with_tasks_claimed_past_the_pipes(project):
     worker = project.start("--workers", "2")
     in_pipes = 2 * castor.PROCESS_WINDOW
 
-    def stopped_with_more_than_the_pipes_running():
-        """The worker stopped (it records nothing more) while more than its
-        children's pipes hold are running in the store; else let it go on."""
+    def stopped_with_tasks_no_child_can_reach():
+        """The worker stopped (it records and hands out nothing more) while
+        more tasks run in the store, not begun, than its children's pipes
+        hold: only those in the pipes can still begin. Else let it go on."""
         worker.send_signal(signal.SIGSTOP)
         wait_for(lambda: _proc_state(worker.pid) in ("T", "t"), what="the worker stopped")
-        if project.manager.counts()["running"] > in_pipes:
+        begun = collections.Counter(project.labels())
+        waiting = [doc for doc in project.manager.tasks(status="running", limit=1000)
+                   if not begun[doc["args"][1] + ":start"]]
+        if len(waiting) > in_pipes:
             return True
         worker.send_signal(signal.SIGCONT)
         return False
-    wait_for(stopped_with_more_than_the_pipes_running, timeout=60, interval=0.005,
-             what=f"more than {in_pipes} process tasks claimed at once")
+    wait_for(stopped_with_tasks_no_child_can_reach, timeout=60, interval=0.005,
+             what=f"more than {in_pipes} process tasks claimed and not begun at once")
     kids = children_of(worker.pid)
     worker.kill()
     for kid in kids:
