@@ -426,12 +426,25 @@ class Task:
         """The key that makes a pending or running task "the same", or None."""
         if self.unique is False:
             return None
-        # f(a=1, b=2) and f(b=2, a=1) are one call: keywords in name order.
-        key = (self.unique(*args, **kwargs) if callable(self.unique)
-               else [args, dict(sorted(kwargs.items()))])
+        if callable(self.unique):
+            key = self.unique(*args, **kwargs)
+        else:
+            args, kwargs = self._canonical_call(args, kwargs)
+            key = [args, dict(sorted(kwargs.items()))]  # keywords in name order
         import hashlib
         text = _to_json([self.name, key], f"the unique key of {self.name}")
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def _canonical_call(self, args, kwargs):
+        """One form for one call: f(1, b=2), f(a=1, b=2) and f(b=2, a=1) are all
+        (1, 2), {}. Defaults are not filled in. A call the function's signature
+        refuses (it will fail when it runs) keeps the form it was given."""
+        import inspect
+        try:
+            bound = inspect.signature(self.func).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return args, kwargs
+        return bound.args, bound.kwargs
 
     def _run_inline(self, doc):
         """Immediate mode: run now, retries included, and store the outcome."""

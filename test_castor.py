@@ -2237,6 +2237,20 @@ def test_unique_keyword_arguments_in_any_order_are_one_task(make_project):
     assert proj.manager.counts()["pending"] == 2
 
 
+def test_unique_arguments_by_position_or_by_keyword_are_one_task(make_project):
+    proj = make_project(OPS_APP)
+    task = proj.mod.once_at_a_time
+    first = task.delay("k", "g")
+    assert task.delay("k", gate="g") == first
+    assert task.delay(gate="g", key="k") == first
+    assert task.map([("k", "g")]) == [first]
+    assert task.delay("k", "h") != first
+    # A call the signature refuses keeps its own form (it fails when it runs).
+    odd = task.delay("k", "g", extra=1)
+    assert odd != first and task.delay("k", "g", extra=1) == odd
+    assert proj.manager.counts()["pending"] == 3
+
+
 def test_unique_by_a_key_function(make_project):
     proj = make_project(OPS_APP)
     first = proj.mod.per_user.delay("ann", note="a")
