@@ -3667,7 +3667,11 @@ def _next_slot(task, last, now):
     Slots missed while no worker ran are run once, not replayed one by one. A
     stored slot further ahead than the task's schedule can put one is an
     older schedule's (``every=3600`` made ``every=60``): the new one starts now.
+    So is a stored slot that is not a time of a cron task's expression (it was
+    ``every=``, or another expression): only the expression's own times count.
     """
+    if task.cron is not None and last is not None and task.cron.next_after(last - 1) != last:
+        return task.cron.next_after(last) <= now, task.cron.next_after(now)
     if last is not None and last > now:
         if task.every is not None:
             if last <= now + task.every + SCHEDULE_SKEW:

@@ -2350,6 +2350,43 @@ def test_a_changed_schedule_replaces_the_stored_slot(make_project, caplog):
     assert proj.manager.counts()["pending"] == 3
 
 
+def test_a_cron_task_never_fires_at_a_slot_of_its_old_schedule(make_project, caplog):
+    """every= made cron=, or one expression made another: a stored slot that is
+    not a time of the expression is replaced, even when it comes first."""
+    proj = make_project(CRON_APP)
+    store, task = proj.manager._store, proj.manager.task
+    t0 = datetime.datetime(2026, 3, 10, 12, 1, tzinfo=datetime.timezone.utc).timestamp()
+    at = {hhmm: t0 + 60 * (60 * (hhmm // 100 - 12) + hhmm % 100 - 1) for hhmm in
+          (1202, 1205, 1230, 1300, 1310, 1400)}
+
+    def report():
+        return None
+    assert castor._Scheduler(store, [task(mode="thread", every=60)(report)]).tick(t0)
+    hourly = task(mode="thread", cron="0 * * * *", tz="UTC")(report)
+    assert store.periodic()[hourly.name] == at[1202]
+    with caplog.at_level(logging.INFO, logger="castor"):
+        assert not castor._Scheduler(store, [hourly]).tick(t0 + 10)
+    assert store.periodic()[hourly.name] == at[1300]  # 12:02 is no time of "0 * * * *"
+    assert "its schedule changed" in caplog.text
+    assert not castor._Scheduler(store, [hourly]).tick(at[1202] + 1)
+
+    five = task(mode="thread", cron="*/5 * * * *", tz="UTC")(report)
+    assert not castor._Scheduler(store, [five]).tick(at[1202] + 1)
+    assert store.periodic()[five.name] == at[1205]
+    assert not castor._Scheduler(store, [hourly]).tick(at[1202] + 2)
+    assert store.periodic()[hourly.name] == at[1300]  # 12:05 is no time of it either
+    assert not castor._Scheduler(store, [hourly]).tick(at[1205] + 1)
+    # An old schedule's slot missed while no worker ran: it fires only if a time
+    # of the expression was missed too, and then once.
+    assert store.fire_periodic(hourly.name, at[1300], at[1205], None)
+    assert not castor._Scheduler(store, [hourly]).tick(at[1230])
+    assert store.periodic()[hourly.name] == at[1300]
+    assert store.fire_periodic(hourly.name, at[1300], at[1205], None)
+    assert castor._Scheduler(store, [hourly]).tick(at[1310])
+    assert store.periodic()[hourly.name] == at[1400]
+    assert proj.manager.counts()["pending"] == 2
+
+
 @pytest.mark.beaver_only
 def test_cron_and_every_options_are_checked(project):
     task = project.manager.task
