@@ -5537,8 +5537,8 @@ class _WebApp:
         if handle.retry():
             return self._back(request, self._task_path(request), "Sent back to pending: the task "
                               "will run again.")
-        return self._back(request, self._task_path(request), "Not retried: only a failed or "
-                          "cancelled task can be retried.", "error")
+        return self._back(request, self._task_path(request),
+                          f"Not retried: {_retry_refusal(handle)}.", "error")
 
     def _cancel_one(self, request):
         handle = self.manager.get_task_by_id(request.task_id)
@@ -6705,25 +6705,39 @@ def _retry_command(manager, args):
         statuses = [s for s in ("failed", "cancelled") if getattr(args, s)]
         n = sum(manager.requeue(status, name=args.name) for status in statuses)
         return _report(args, {"retried": n}, f"{n} task(s) back to pending")
-    return _each_id(manager, args, "retry", "retried", "not finished (or it succeeded)")
+    return _each_id(manager, args, "retry", "retried", _retry_refusal)
+
+
+def _retry_refusal(handle):
+    status = handle.status()
+    if status == "success":
+        return "it succeeded"
+    if status in ("failed", "cancelled"):  # refused all the same: a unique task's twin
+        return "the same unique task is pending or running"
+    return "it has not finished"
 
 
 def _cancel_command(manager, args):
-    return _each_id(manager, args, "cancel", "cancelled", "already finished")
+    return _each_id(manager, args, "cancel", "cancelled", lambda handle: "already finished")
 
 
-def _each_id(manager, args, action, done_word, refused_why):
-    """Apply a handle action to each id: exit 1 if any was missing or refused."""
+def _each_id(manager, args, action, done_word, refusal):
+    """Apply a handle action to each id: exit 1 if any was missing or refused.
+    ``refusal(handle)`` says why one was refused."""
     result = {done_word: [], "not_found": [], "refused": []}
+    reasons = {}
     for task_id in args.ids:
         handle = manager.get_task_by_id(task_id)
         if handle is None:
             result["not_found"].append(task_id)
+        elif getattr(handle, action)():
+            result[done_word].append(task_id)
         else:
-            result[done_word if getattr(handle, action)() else "refused"].append(task_id)
+            result["refused"].append(task_id)
+            reasons[task_id] = refusal(handle)
     lines = [f"{task_id}: {done_word}" for task_id in result[done_word]]
     lines += [f"{task_id}: not found" for task_id in result["not_found"]]
-    lines += [f"{task_id}: not {done_word}: {refused_why}" for task_id in result["refused"]]
+    lines += [f"{task_id}: not {done_word}: {reasons[task_id]}" for task_id in result["refused"]]
     _report(args, result, "\n".join(lines))
     return 1 if result["not_found"] or result["refused"] else 0
 

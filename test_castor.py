@@ -2251,6 +2251,18 @@ def test_unique_arguments_by_position_or_by_keyword_are_one_task(make_project):
     assert proj.manager.counts()["pending"] == 3
 
 
+def test_retry_of_a_unique_task_whose_twin_is_pending_says_why_it_is_refused(make_project):
+    proj = make_project(OPS_APP)
+    first = proj.mod.once_at_a_time.delay("k", "g")
+    assert first.cancel() and first.status() == "cancelled"
+    twin = proj.mod.once_at_a_time.delay("k", "g")
+    assert twin != first and first.retry() is False
+    done = run_cli("retry", f"{proj.module}:manager", first.id, cwd=proj.path)
+    assert done.returncode == 1, done.stderr
+    assert f"{first.id}: not retried: the same unique task is pending or running" in done.stdout
+    assert twin.cancel() and first.retry() is True  # the twin gone, it may run again
+
+
 def test_unique_by_a_key_function(make_project):
     proj = make_project(OPS_APP)
     first = proj.mod.per_user.delay("ann", note="a")
@@ -3813,7 +3825,9 @@ def test_inspection_commands(make_project):
     cli("info", target, "no-such-id", code=1)
     assert f"{bad.id}: retried" in cli("retry", target, bad.id)
     assert bad.join(timeout=20) == "second run works"
-    assert "not retried" in cli("retry", target, ok.id, code=1)
+    assert f"{ok.id}: not retried: it succeeded" in cli("retry", target, ok.id, code=1)
+    assert f"{later.id}: not retried: it has not finished" in cli("retry", target, later.id,
+                                                                    code=1)
     assert json.loads(cli("retry", target, "--failed", "--json")) == {"retried": 0}
     assert f"{later.id}: cancelled" in cli("cancel", target, later.id)
     cli("cancel", target, later.id, "no-such-id", code=1)
