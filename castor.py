@@ -6701,6 +6701,8 @@ def _info_command(manager, args):
 def _retry_command(manager, args):
     if bool(args.ids) == bool(args.failed or args.cancelled):
         return _usage("retry", "give task ids, or --failed / --cancelled")
+    if args.ids and args.name is not None:
+        return _usage("retry", "--name goes with --failed / --cancelled, not with task ids")
     if not args.ids:
         statuses = [s for s in ("failed", "cancelled") if getattr(args, s)]
         n = sum(manager.requeue(status, name=args.name) for status in statuses)

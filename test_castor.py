@@ -3842,6 +3842,7 @@ def test_inspection_commands(make_project):
 @pytest.mark.parametrize("args, message", [
     (("retry", "{t}"), "give task ids, or --failed / --cancelled"),
     (("retry", "{t}", "some-id", "--failed"), "give task ids, or --failed / --cancelled"),
+    (("retry", "{t}", "some-id", "--name", "x"), "--name goes with --failed / --cancelled"),
     (("prune", "{t}"), "--older-than"),
     (("prune", "{t}", "--older-than", "7x"), "expected an age like"),
     (("tasks", "{t}", "--status", "weird"), "invalid choice"),
