@@ -4153,11 +4153,18 @@ class _ThreadPool(_Pool):
     def idle_slots(self):
         return max(0, self.size - len(self._runs) - self._abandoned)
 
+    def _entry(self, run):
+        """[run, started?] of this very run, or None. A task timed out and
+        retried is another run under the same id while its first thread runs on."""
+        entry = self._runs.get(run.id)
+        return entry if entry is not None and entry[0] is run else None
+
     def _withdraw(self, runs):
         waiting = []
         with self._lock:
             for run in runs:
-                if run.id in self._runs and not self._runs[run.id][1]:
+                entry = self._entry(run)
+                if entry is not None and not entry[1]:
                     del self._runs[run.id]  # its thread will find it gone and skip it
                     waiting.append(run)
         return waiting
@@ -4174,7 +4181,8 @@ class _ThreadPool(_Pool):
     def cancel(self, run):
         run.ctx._cancel = True  # cooperative, unless it has not started yet
         with self._lock:
-            queued = run.id in self._runs and not self._runs[run.id][1]
+            entry = self._entry(run)
+            queued = entry is not None and not entry[1]
         if queued:
             self._end(run, _cancelled_reply())
 
@@ -4200,9 +4208,10 @@ class _ThreadPool(_Pool):
             if run is None:
                 return
             with self._lock:
-                if run.id not in self._runs:
+                entry = self._entry(run)
+                if entry is None:
                     continue  # ended before it started
-                self._runs[run.id][1] = True
+                entry[1] = True
                 self._started += 1
                 run.begin(time.time())
             began = time.perf_counter()
@@ -4220,11 +4229,12 @@ class _ThreadPool(_Pool):
         with self._lock:
             if by_thread:
                 self.window.record(took)
-            entry = self._runs.pop(run.id, None)
-            if entry is None:  # its reply went out already
+            entry = self._entry(run)
+            if entry is None:  # its reply went out already: a late result is dropped
                 if by_thread:
                     self._abandoned -= 1
                 return
+            del self._runs[run.id]
             self._started -= entry[1]
             if entry[1] and not by_thread:  # its thread runs on, abandoned
                 self._abandoned += 1

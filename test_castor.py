@@ -1575,6 +1575,29 @@ def stuck_thread():
     return "too late"
 
 
+def _wait_mark(label, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(os.path.join(HERE, "runs.log")) as fh:
+            if any(json.loads(line)[0] == label for line in fh):
+                return
+        time.sleep(0.01)
+
+
+@manager.task(mode="thread", timeout=1, retries=1, retry_delay=0)
+def slow_twice():
+    import castor
+    attempt = castor.current_task().attempt
+    mark(f"slow{attempt}:start")
+    if attempt == 1:  # past its timeout, it returns while attempt 2 runs
+        _wait_mark("slow2:start")
+    else:  # past its own timeout, after attempt 1 returned
+        _wait_mark("slow1:late")
+        time.sleep(3)
+    mark(f"slow{attempt}:late")
+    return f"late result of attempt {attempt}"
+
+
 @manager.task(mode="thread", every=1.0)
 def tick():
     mark("tick")
@@ -1677,6 +1700,22 @@ def test_thread_timeout_fails_and_discards_the_late_result(make_project):
     wait_for(lambda: "late" in proj.labels(), what="the thread to finish anyway")
     assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
     assert handle.status() == "failed" and handle.info()["result"] is None
+
+
+def test_a_timed_out_thread_task_retried_keeps_its_late_result_out(make_project):
+    """Attempt 1 times out and attempt 2 starts while attempt 1's thread runs on:
+    that thread's late result is no reply of attempt 2, which times out too."""
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1", "--threads", "2")
+    handle = proj.mod.slow_twice.delay()
+    with pytest.raises(TimeoutError, match="timeout of 1s"):
+        handle.join(timeout=30)
+    doc = handle.info()
+    assert doc["status"] == "failed" and doc["attempts"] == 2 and doc["result"] is None
+    wait_for(lambda: {"slow1:late", "slow2:late"} <= set(proj.labels()),
+             what="both abandoned threads to return")
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    assert handle.info()["status"] == "failed" and handle.info()["result"] is None
 
 
 def test_priority_lower_first_fifo_within(project):
