@@ -1466,7 +1466,8 @@ class _Outcome:
 
 class _Exchange:
     """What an exchange did: outcomes recorded or refused (their lease was
-    lost), tasks claimed {mode: [(doc, lease)]}, and for each mode that came
+    lost), tasks claimed {mode: [(doc, lease, cancel)]} (cancel: someone asked
+    to cancel it while an earlier attempt ran), and for each mode that came
     back short, when its next scheduled task is due (None: none is)."""
 
     __slots__ = ("recorded", "refused", "claimed", "idle")
@@ -2012,7 +2013,7 @@ class _SqliteStore(_SqliteTasks):
             o.doc["status"] for o in done.recorded if o.retry_at is None))
 
     def _claim(self, conn, worker_id, mode, n, idle, limits, now):
-        """Mark up to ``n`` due tasks running for this worker: [(doc, lease)]."""
+        """Mark up to ``n`` due tasks running for this worker: [(doc, lease, cancel)]."""
         if limits:
             seqs = self._pick_limited(conn, mode, n, idle, limits, now)
             where, params = f"seq IN ({','.join('?' * len(seqs))})", seqs
@@ -2023,15 +2024,16 @@ class _SqliteStore(_SqliteTasks):
             params = (mode, now, n)
         jobs = conn.execute(
             "UPDATE castor_jobs SET status = 'running', worker = ?, lease = lease + 1 "
-            f"WHERE {where} RETURNING priority, seq, id, lease", (worker_id, *params)).fetchall()
+            f"WHERE {where} RETURNING priority, seq, id, lease, cancel",
+            (worker_id, *params)).fetchall()
         if not jobs:
             return []
-        ids = [task_id for _, _, task_id, _ in jobs]
+        ids = [task_id for _, _, task_id, _, _ in jobs]
         docs = dict(conn.execute(_CLAIM_DOCS.format(marks=",".join("?" * len(ids))),
                                  (_iso(now), worker_id, *ids)).fetchall())
         # RETURNING has no order of its own: queue order again.
-        return [(_claimed_doc(task_id, docs.get(task_id), worker_id, now), lease)
-                for _, _, task_id, lease in sorted(jobs)]
+        return [(_claimed_doc(task_id, docs.get(task_id), worker_id, now), lease, bool(cancel))
+                for _, _, task_id, lease, cancel in sorted(jobs)]
 
     def _pick_limited(self, conn, mode, n, idle, limits, now):
         """Due tasks in queue order, no name past its concurrency limit, and
@@ -2498,7 +2500,7 @@ UPDATE castor_tasks t SET status = 'running', worker = %s, lease = t.lease + 1,
              THEN floor((t.doc ->> 'attempts')::numeric)::bigint + 1 ELSE 1 END)
         ELSE t.doc END
 FROM picked WHERE t.seq = picked.seq
-RETURNING t.priority, t.seq, t.id, t.lease, t.doc"""
+RETURNING t.priority, t.seq, t.id, t.lease, t.doc, t.cancel"""
 
 _PG_READY = f"status = 'pending' AND mode = %s AND eta <= {_PG_NOW}"
 
@@ -3040,9 +3042,9 @@ def _pg_columns(new, clock):
 
 
 def _pg_claimed(rows, worker_id, now):
-    """[(doc, lease)] of a claim's rows, in queue order (RETURNING has none)."""
-    return [(_claimed_doc(task_id, doc, worker_id, now), lease)
-            for _, _, task_id, lease, doc in sorted(rows, key=lambda r: (r[0], r[1]))]
+    """[(doc, lease, cancel)] of a claim's rows, in queue order (RETURNING has none)."""
+    return [(_claimed_doc(task_id, doc, worker_id, now), lease, cancel)
+            for _, _, task_id, lease, doc, cancel in sorted(rows, key=lambda r: (r[0], r[1]))]
 
 
 def _pg_local_time(row):
@@ -3347,8 +3349,8 @@ class Worker:
             self._gate.touch()
         _log_outcomes(done)
         for claimed in done.claimed.values():
-            for doc, lease in claimed:
-                self._dispatch(doc, lease)
+            for doc, lease, cancel in claimed:
+                self._dispatch(doc, lease, cancel)
         return True
 
     def _wait(self, now):
@@ -3375,8 +3377,9 @@ class Worker:
                     ended.append((run, item[1], item[2]))
         return ended
 
-    def _dispatch(self, doc, lease):
-        """Hand a claimed task to its pool; any problem fails that task only."""
+    def _dispatch(self, doc, lease, cancel=False):
+        """Hand a claimed task to its pool; any problem fails that task only. A
+        retry of a task cancelled while its last attempt ran never starts."""
         running = self._runs.get(doc["id"])
         if running is not None:
             # Taken from us as if we were dead, then claimed by us again while we
@@ -3389,6 +3392,10 @@ class Worker:
         problem = _job_problem(doc, task, self.target)
         if problem is not None:
             self._inbox.put((run.id, _failed(problem), time.time()))
+            return
+        if cancel:
+            doc["attempts"] = max(0, _as_int(doc.get("attempts")) - 1)  # it never ran
+            self._inbox.put((run.id, _cancelled_reply(), time.time()))
             return
         if logger.isEnabledFor(logging.INFO):
             _event(logging.INFO, "Task %s started: %s", run.id[:8], _call_repr(doc))
@@ -3605,6 +3612,9 @@ def _call_repr(doc):
 def _settle(run, reply, ended, rng):
     """What becomes of a run: an _Outcome for the store, with its log line."""
     doc = run.doc
+    if run.ctx.cancelled and not reply["ok"] and not reply.get("cancelled"):
+        # Asked to stop, it failed: that is where it ends, not in a retry.
+        reply = dict(reply, cancelled=True)
     retry_at = _retry_at(run.task, _as_int(doc.get("attempts")) or 1, reply, ended, rng)
     if retry_at is not None:
         doc.update(status="pending", worker=None, error=reply["error"]["traceback"],

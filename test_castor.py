@@ -2055,6 +2055,16 @@ import asyncio
 import castor
 
 
+@manager.task(mode="thread", retries=2, retry_delay=0)
+def fails_when_told_to_stop():
+    import castor
+    mark("told")
+    deadline = time.monotonic() + 30
+    while not castor.current_task().cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise RuntimeError("stopped the hard way")
+
+
 @manager.task(mode="thread")
 def fails_once(label):
     mark(label)
@@ -2159,6 +2169,44 @@ def test_retry_re_drives_a_failed_task_and_keeps_its_history(make_project):
     assert doc["attempts"] == 1 and len(doc["history"]) == 1
     assert "RuntimeError: first run fails" in doc["history"][0]["error"]
     assert handle.retry() is False  # it succeeded
+
+
+def test_a_task_cancelled_while_running_is_not_retried_when_it_fails(make_project):
+    proj = make_project(OPS_APP)
+    proj.start("--workers", "1")
+    handle = proj.mod.fails_when_told_to_stop.delay()
+    wait_for(lambda: handle.status() == "running", what="running")
+    assert handle.cancel()
+    with pytest.raises(castor.Cancelled):
+        handle.join(timeout=30)
+    doc = handle.info()
+    assert doc["status"] == "cancelled" and doc["attempts"] == 1
+    assert "stopped the hard way" in doc["error"]  # how its attempt ended is kept
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    assert proj.labels().count("told") == 1
+
+
+def test_a_retry_of_a_task_cancelled_while_its_attempt_ran_never_starts(make_project):
+    """The cancel came after the worker last looked: the failed attempt went back
+    to pending for its retry, with the request on it. The claim ends it."""
+    proj = make_project(OPS_APP)
+    store = proj.manager._store
+    handle = proj.mod.fails_when_told_to_stop.delay()
+    now = time.time()
+    store.register("w1", {}, now)
+    ((doc, lease, cancel),) = store.exchange("w1", [], {}, {"thread": (1, 1)}, {},
+                                             now).claimed["thread"]
+    assert not cancel and handle.cancel()
+    doc.update(status="pending", worker=None, error="RuntimeError: boom", retry_at=castor._iso(now))
+    outcome = castor._Outcome(doc, json.dumps(doc), now, lease)
+    assert store.exchange("w1", [outcome], {}, {}, {}, now).recorded == [outcome]
+    assert handle.status() == "pending"
+    proj.start("--workers", "1")
+    with pytest.raises(castor.Cancelled):
+        handle.join(timeout=30)
+    assert handle.info()["attempts"] == 1
+    assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
+    assert "told" not in proj.labels()
 
 
 def test_requeue_re_drives_in_bulk(make_project):
@@ -3047,7 +3095,7 @@ def test_reaping_gives_a_dead_workers_task_back(project):
     now = time.time()
     store.register("other", {}, now)
     claimed = store.exchange("other", [], {}, {"thread": (1, 1)}, {}, now).claimed["thread"]
-    assert [doc["id"] for doc, _ in claimed] == [handle.id] and handle.status() == "running"
+    assert [doc["id"] for doc, *_ in claimed] == [handle.id] and handle.status() == "running"
     (beat,) = [w["beat"] for w in store.workers() if w["id"] == "other"]  # the store's clock
     assert store.reap({"other": beat - 1}, now, castor._lost) == []  # it beat since: alive
     assert handle.status() == "running"
