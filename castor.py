@@ -4321,13 +4321,23 @@ class _AsyncPool(_Pool):
 
     def _run_loop(self):
         self._loop.call_soon(self._tick)
-        self._loop.run_forever()
+        while True:
+            try:
+                self._loop.run_forever()
+                return  # stopped by close()
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: see below
+                # A run's own coroutine cannot raise these out of the loop (it
+                # ends failed); an asyncio task it started in the background can.
+                # Without the loop every async run would stay running for good.
+                logger.error("An async task's background work raised %s out of the event "
+                             "loop; the loop goes on", f"{type(exc).__name__}({exc})")
 
     def _tick(self):
         self._beat = time.monotonic()
         self._loop.call_later(0.1, self._tick)
 
     def _begin(self, run):
+        run.begin(time.time())
         coro = _execute_async(run.task, run.doc["args"], run.doc["kwargs"], run.ctx, self.limit)
         task = self._loop.create_task(coro, name=f"{run.doc['task_name']} (task {run.id[:8]})")
         self._tasks[run.id] = task
@@ -4347,6 +4357,11 @@ class _AsyncPool(_Pool):
             reply = _failure(task.exception())
         else:
             reply = task.result()
+        if not task.cancelled() and run.deadline is not None and time.time() > run.deadline:
+            # It blocked the loop past its deadline, where no cancel could reach it.
+            reply = _failure(TimeoutError(
+                f"task exceeded its timeout of {run.task.timeout:g}s (it blocked the event "
+                "loop, so it could not be cancelled in time)"))
         self.post(run, reply)
 
     def _cancel_task(self, task_id):

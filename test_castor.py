@@ -2586,6 +2586,22 @@ async def blocks_the_loop(seconds):
     return "blocked"
 
 
+@manager.task(mode="async", timeout=0.5)
+async def blocks_past_its_timeout():
+    time.sleep(1.5)  # the deadline passes while the loop is blocked
+    await asyncio.sleep(0)
+    return "blocked"
+
+
+@manager.task(mode="async")
+async def exits_in_the_background(how):
+    async def background():
+        raise SystemExit("from a background task") if how == "exit" else KeyboardInterrupt()
+    asyncio.get_running_loop().create_task(background())
+    await asyncio.sleep(0.2)
+    return "survived"
+
+
 @manager.task(mode="async", retries=1, retry_delay=0.1)
 async def afails():
     mark("afails")
@@ -2627,6 +2643,26 @@ def test_async_timeout_cancels_the_coroutine(make_project):
         proj.mod.too_slow.delay().join(timeout=20)
     wait_for(lambda: "cleaned up" in proj.labels(), what="the coroutine's finally block")
     assert "never" not in proj.labels()
+
+
+def test_async_task_that_blocks_the_loop_past_its_timeout_fails(make_project):
+    proj = make_project(ASYNC_APP)
+    proj.start("--workers", "1")
+    with pytest.raises(TimeoutError, match="timeout of 0.5s .it blocked the event loop"):
+        proj.mod.blocks_past_its_timeout.delay().join(timeout=20)
+    assert proj.mod.aadd.delay(2, 3).join(timeout=20) == 5
+
+
+def test_the_event_loop_survives_a_background_task_that_raises_system_exit(make_project):
+    proj = make_project(ASYNC_APP)
+    worker = proj.start("--workers", "1")
+    for how in ("exit", "interrupt"):
+        assert proj.mod.exits_in_the_background.delay(how).join(timeout=20) == "survived"
+    assert proj.mod.aadd.delay(2, 3).join(timeout=20) == 5
+    code, _, err = proj.stop(worker)
+    assert code == 0, err
+    assert "background work raised SystemExit(from a background task) out of the event loop" \
+        in err and "raised KeyboardInterrupt() out of" in err
 
 
 def test_async_shutdown_waits_for_critical_and_cancels_daemon(make_project):
