@@ -264,6 +264,13 @@ class Manager:
 
         def decorator(func):
             task = Task(self, func, **options)
+            known = self._tasks.get(task.name)
+            if known is not None and known.func is not func and "<locals>" in task.name:
+                # A worker finds tasks by name: it would run one for the other.
+                raise ValueError(
+                    f"another function is already registered as task {task.name!r}: functions "
+                    "made inside another function share their name (a decorator without "
+                    "functools.wraps, say); give each its own with functools.wraps")
             self._tasks[task.name] = task
             return task
         return decorator

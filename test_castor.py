@@ -2716,6 +2716,22 @@ def test_a_blocking_coroutine_does_not_stall_the_worker(make_project):
 
 
 @pytest.mark.beaver_only
+@pytest.mark.beaver_only
+def test_two_functions_under_one_task_name_are_refused(project):
+    def logged(func):
+        def wrapper(*args):  # no functools.wraps: every wrapper is "logged.<locals>.wrapper"
+            return func(*args)
+        return wrapper
+
+    manager = project.manager
+    charge = manager.task(mode="thread")(logged(lambda amount: f"charged {amount}"))
+    with pytest.raises(ValueError, match="already registered as task .*functools.wraps"):
+        manager.task(mode="thread")(logged(lambda amount: f"refunded {amount}"))
+    assert manager._tasks[charge.name] is charge
+    again = manager.task(mode="thread", retries=1)(charge.func)  # the same function: fine
+    assert manager._tasks[charge.name] is again
+
+
 def test_async_decoration_errors(project):
     manager = project.manager
 
