@@ -1797,7 +1797,13 @@ class _SqliteFile(_Store):
 
     @_sqlite_errors
     def version(self):
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+        # data_version moves on others' commits only; this thread's connection
+        # (a cancel from the coroutine next to a waiting resolve) counts its own.
+        conn = self.conn
+        return conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes
+
+    def news(self):
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]  # our own: see touch()
 
     def watch(self):
         return _InotifyWatch.open(os.path.dirname(self.path))

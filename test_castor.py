@@ -1409,6 +1409,22 @@ def test_async_resolve_does_not_block_the_loop(project):
     assert result == 0.5 and len(during) >= 5
 
 
+def test_resolve_sees_a_cancel_made_on_its_own_thread(project):
+    """No worker, so nobody else commits: the waiter must notice its own
+    thread's write (a cancel from the coroutine next to it)."""
+    handle = project.mod.add.delay(1, 2)
+
+    async def scenario():
+        async def cancel_soon():
+            await asyncio.sleep(0.2)
+            return handle.cancel()
+        cancelling = asyncio.create_task(cancel_soon())
+        with pytest.raises(castor.Cancelled):  # not TimeoutError
+            await handle.resolve(timeout=20)
+        return await cancelling
+    assert asyncio.run(scenario())
+
+
 def test_unknown_task_name_fails_that_task_and_worker_keeps_serving(make_project):
     proj = make_project('''
 if os.environ.get("CASTOR_TEST_APP_SIDE"):
