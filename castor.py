@@ -50,6 +50,7 @@ import math
 import os
 import queue
 import random
+import re
 import select
 import signal
 import sqlite3
@@ -2875,7 +2876,8 @@ class _PostgresStore(_PgTasks):
             except _Unstorable:
                 return False
         for outcome in outcomes:
-            if not storable(outcome.raw):
+            if not storable(outcome.raw) and not (_pg_clean_error(outcome)
+                                                  and storable(outcome.raw)):
                 _make_failed(outcome, "the result cannot be stored in PostgreSQL's JSON "
                                       "(a lone surrogate or a NUL character in a string)")
         for task_id in [key for key, report in progress.items() if not storable(_dumps(report))]:
@@ -3068,16 +3070,47 @@ def _pg_local_time(row):
 
 def _pg_check_storable(raw, where):
     # jsonb refuses the NUL character; JSON allows it, so say so plainly.
-    if "\\u0000" in raw:
+    if _has_nul(raw):
         raise NotJSONError(f"{where} contain the NUL character (\\u0000), which PostgreSQL "
                            "cannot store in JSON")
 
 
+#: The escape of a NUL character in JSON text: ``\u0000`` after an even number
+#: of backslashes (``\\u0000`` is a backslash, then the text "u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _has_nul(raw):
+    return "\\u0000" in raw and _JSON_NUL.search(raw) is not None
+
+
 def _pg_storable_outcome(outcome):
-    """An outcome PostgreSQL cannot store becomes a failure that can be stored."""
-    if "\\u0000" in outcome.raw:
+    """An outcome PostgreSQL cannot store becomes one that can be: a failure's
+    error made printable, else a failure that says why."""
+    if _has_nul(outcome.raw) and not (_pg_clean_error(outcome) and not _has_nul(outcome.raw)):
         _make_failed(outcome, "the result contains the NUL character (\\u0000), which "
                               "PostgreSQL cannot store in JSON")
+
+
+def _pg_clean_error(outcome):
+    """A failed attempt's error with NUL characters and lone surrogates shown
+    as escapes, so it can be stored with its retries intact; True if it had one."""
+    doc = outcome.doc
+    if doc.get("error") is None and doc.get("exception") is None:
+        return False
+    doc["error"], doc["exception"] = _printable(doc.get("error")), _printable(doc.get("exception"))
+    outcome.raw = _dumps(doc)
+    return True
+
+
+def _printable(value):
+    if isinstance(value, str):
+        return value.replace("\0", "\\x00").encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _printable(item) for key, item in value.items()}
+    return value
 
 
 def _make_failed(outcome, message):

@@ -1600,6 +1600,12 @@ def _wait_mark(label, timeout=20):
         time.sleep(0.01)
 
 
+@manager.task(mode="thread", retries=1, retry_delay=0)
+def fails_with_nul():
+    mark("nul")
+    raise ValueError("bad byte: \\x00 here")
+
+
 @manager.task(mode="thread", timeout=1, retries=1, retry_delay=0)
 def slow_twice():
     import castor
@@ -1732,6 +1738,18 @@ def test_a_timed_out_thread_task_retried_keeps_its_late_result_out(make_project)
              what="both abandoned threads to return")
     assert proj.mod.add.delay(1, 2).join(timeout=20) == 3
     assert handle.info()["status"] == "failed" and handle.info()["result"] is None
+
+
+def test_a_nul_escape_lookalike_is_text_and_a_nul_in_an_error_keeps_the_retries(
+        make_project):
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1")
+    text = "C:\\u0000dir"  # a backslash, then "u0000": no NUL character in it
+    assert proj.mod.add.delay(text, "!").join(timeout=20) == text + "!"
+    handle = proj.mod.fails_with_nul.delay()
+    with pytest.raises(ValueError, match="bad byte"):  # PostgreSQL's shows it as \\x00
+        handle.join(timeout=20)
+    assert handle.info()["attempts"] == 2 and proj.labels().count("nul") == 2
 
 
 def test_priority_lower_first_fifo_within(project):
