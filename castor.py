@@ -2709,9 +2709,28 @@ class _PgTasks(_PgConnections):
                 if item.unique_key is not None:
                     batch[item.unique_key] = item.doc["id"]
             ids.append(task_id)
-        if fresh:
+        if fresh and all(item.unique_key is None for item in fresh):
             cur.execute(_PG_ADD_NOTIFY, _pg_columns(fresh, time.time()))
+        elif fresh:
+            added = {task_id for (task_id,) in cur.execute(
+                _PG_ADD + " RETURNING id", _pg_columns(fresh, time.time())).fetchall()}
+            cur.execute(_PG_NOTIFY)
+            twins = {item.doc["id"]: self._twin(cur, item) for item in fresh
+                     if item.doc["id"] not in added and item.unique_key is not None}
+            ids = [task_id or twins.get(item.doc["id"]) for item, task_id in zip(new, ids)]
         return [task_id or item.doc["id"] for item, task_id in zip(new, ids)]
+
+    def _twin(self, cur, item):
+        """The task a unique task's insert gave way to: the twin another
+        transaction made pending (a re-drive) while ours waited for it, or our
+        own row (a retried commit that had landed)."""
+        row = cur.execute(
+            "SELECT id FROM castor_tasks WHERE id = %s OR (unique_key = %s AND status IN "
+            "('pending', 'running')) ORDER BY id = %s DESC LIMIT 1",
+            (item.doc["id"], item.unique_key, item.doc["id"])).fetchone()
+        if row is None:  # the twin finished meanwhile: ours goes in after all
+            return self._add(cur, [item])[0]
+        return row[0]
 
     def _existing(self, cur, item):
         """The pending or running task a unique task matches, or None."""

@@ -3586,6 +3586,33 @@ def test_a_big_batch_retried_after_its_commit_is_stored_once(pg_project):
         2 * i for i in range(len(batch))] * 2
 
 
+def test_a_unique_delay_racing_a_re_drive_of_its_twin_returns_the_twin(pg_project, pg_server):
+    """The insert waits for the re-drive's transaction, then gives way to the
+    row it made pending: .delay() must return that task, not one never stored."""
+    proj, name = pg_project
+
+    def once(key):
+        return key
+    task = proj.manager.task(mode="thread", unique=True)(once)
+    first = task.delay("k")
+    assert first.cancel()
+    got = {}
+    with pg_server.admin_connect(name) as redrive, pg_server.admin_connect(name) as look:
+        with redrive.transaction():
+            redrive.execute("UPDATE castor_tasks SET status = 'pending', finished = NULL, "
+                            "doc = doc || '{\"status\": \"pending\"}' WHERE id = %s",
+                            (first.id,))
+            racer = threading.Thread(target=lambda: got.update(handle=task.delay("k")))
+            racer.start()
+            wait_for(lambda: look.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                "wait_event_type = 'Lock'", (name,)).fetchone()[0] >= 1,
+                what="the insert waiting for the re-drive")
+        racer.join(timeout=30)
+    assert got["handle"] == first and first.status() == "pending"
+    assert proj.manager.counts()["pending"] == 1
+
+
 def test_a_pipeline_without_begin_and_commit_is_still_one_transaction(pg_project):
     """The exchange records and claims in a pipeline with no BEGIN or COMMIT:
     its statements must still commit or fail together, and leave the
