@@ -969,8 +969,13 @@ def _run_coroutine(make):
 def _error_data(exc, tb=None):
     """An exception as JSON: enough to rebuild it on the caller's side."""
     cls = type(exc)
+    args = list(exc.args)
+    if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
+        # OSError(errno, strerror, filename[, winerror, filename2]): the names
+        # are in its message but not in its args.
+        args += [exc.filename] + ([None, exc.filename2] if exc.filename2 is not None else [])
     try:
-        args = json.loads(_dumps(list(exc.args)))
+        args = json.loads(_dumps(args))
     except Exception:  # arguments that are not JSON are simply not kept
         args = None
     try:
@@ -1038,6 +1043,8 @@ def _rebuild(err):
     elif cls is not None and issubclass(cls, Exception):
         with contextlib.suppress(Exception):
             exc = cls(*(err.get("args") if err.get("args") is not None else [err.get("message")]))
+            if str(exc) != err.get("message"):  # its __init__ made something else of them
+                exc = None
     if exc is None:
         exc = TaskError(f"{type_name}: {err.get('message')}", type_name, err.get("traceback"))
     exc.add_note(note)

@@ -1600,6 +1600,21 @@ def _wait_mark(label, timeout=20):
         time.sleep(0.01)
 
 
+class QuotaError(Exception):
+    def __init__(self, user):
+        super().__init__(f"user {user} is over quota")
+
+
+@manager.task(mode="thread")
+def over_quota(user):
+    raise QuotaError(user)
+
+
+@manager.task(mode="thread")
+def opens(path):
+    open(path)
+
+
 @manager.task(mode="thread", retries=1, retry_delay=0)
 def fails_with_nul():
     mark("nul")
@@ -1750,6 +1765,21 @@ def test_a_nul_escape_lookalike_is_text_and_a_nul_in_an_error_keeps_the_retries(
     with pytest.raises(ValueError, match="bad byte"):  # PostgreSQL's shows it as \\x00
         handle.join(timeout=20)
     assert handle.info()["attempts"] == 2 and proj.labels().count("nul") == 2
+
+
+def test_an_exception_comes_back_as_raised_or_as_a_task_error_with_its_message(
+        make_project, tmp_path):
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1")
+    # Its __init__ makes a message of its argument: rebuilt from its args, it
+    # would say "user user bob is over quota is over quota".
+    with pytest.raises(TaskError) as info:
+        proj.mod.over_quota.delay("bob").join(timeout=20)
+    assert str(info.value) == f"{proj.module}.QuotaError: user bob is over quota"
+    missing = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError) as info:
+        proj.mod.opens.delay(missing).join(timeout=20)
+    assert info.value.filename == missing and repr(missing) in str(info.value)
 
 
 def test_priority_lower_first_fifo_within(project):
