@@ -391,7 +391,7 @@ class Task:
         """Queue the task to run no earlier than ``delay`` seconds or ``at``."""
         now = time.time()
         eta = _eta(now, delay, at)
-        prio = self.priority if priority is None else _int(priority, "priority")
+        prio = self.priority if priority is None else _priority(priority)
         new = self._new(tuple(args), dict(kwargs or {}), now, eta, prio)
         if self.manager.immediate:
             return self._run_inline(new.doc)
@@ -680,7 +680,7 @@ def _task_options(mode, *, daemon, retries, retry_delay, timeout, priority, ever
         mode=mode, daemon=daemon, retries=_at_least(retries, 0, "retries"),
         retry_delay=_seconds(retry_delay, "retry_delay"),
         timeout=None if timeout is None else _positive(timeout, "timeout"),
-        priority=_int(priority, "priority"),
+        priority=_priority(priority),
         every=None if every is None else _positive(every, "every"),
         cron=_cron_option(cron, tz, every), unique=unique,
         concurrency=None if concurrency is None else _at_least(concurrency, 1, "concurrency"),
@@ -721,6 +721,13 @@ def _check_function(func, mode, periodic):
 def _int(value, what):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {value!r}")
+    return value
+
+
+def _priority(value):
+    """A priority: an int PostgreSQL's integer column holds (as SQLite does)."""
+    if not -2 ** 31 <= _int(value, "priority") < 2 ** 31:
+        raise ValueError(f"priority must be from -2**31 to 2**31 - 1, not {value}")
     return value
 
 

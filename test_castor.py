@@ -1304,6 +1304,18 @@ def test_unreasonable_durations_are_refused(project):
             project.mod.add.schedule((1, 2), delay=bad)
 
 
+def test_priorities_either_store_holds_and_no_other(project):
+    for bad in (2 ** 31, -2 ** 31 - 1, 2 ** 70):
+        with pytest.raises(ValueError, match="priority must be from -2..31 to 2..31 - 1"):
+            project.manager.task(mode="thread", priority=bad)
+        with pytest.raises(ValueError, match="priority must be from"):
+            project.mod.add.schedule((1, 2), priority=bad)
+    edge = [project.mod.add.schedule((1, i), priority=p)
+            for i, p in enumerate((2 ** 31 - 1, -2 ** 31))]
+    assert [h.info()["priority"] for h in edge] == [2 ** 31 - 1, -2 ** 31]
+    assert project.manager.counts()["pending"] == 2
+
+
 def test_symlinked_database_path_is_resolved(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
