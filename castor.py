@@ -3369,10 +3369,10 @@ class Worker:
         restore = _install_signals(self._stop, self._abort, self._inbox.wakeup_fd)
         try:
             self.state = "Running"
-            self._start(config, time.time())
-            logger.info("Worker %s serving %d task(s) from %s", self.id,
-                        len(self.manager._tasks), self.manager.path)
-            self._serve()
+            if self._start(config, time.time()):
+                logger.info("Worker %s serving %d task(s) from %s", self.id,
+                            len(self.manager._tasks), self.manager.path)
+                self._serve()
         finally:
             forced = self._abort.is_set()
             self._shutdown(forced)
@@ -3524,8 +3524,27 @@ class Worker:
                 "pools": {mode: pool.size for mode, pool in self._pools.items()
                           if not pool.sweep_only}}
         self._heart = _Heart(self.id, store, info)
-        self._heart.register(now)
         self._scheduler = _Scheduler(store, [t for t in tasks if t.periodic])
+        if not self._register():
+            self._heart = None  # nothing of ours in the store to give back
+            return False
+        return True
+
+    def _register(self):
+        """Register, riding out a store that cannot be used yet (a server still
+        starting next to the worker) as the loop does; False if told to stop."""
+        while True:
+            try:
+                self._heart.register(time.time())
+                self._trouble.clear(0)
+                return True
+            except _StoreGone:
+                raise
+            except StoreError as exc:
+                until = time.monotonic() + self._trouble.report(exc, 0)
+                while time.monotonic() < until:
+                    if self._stop.wait(0.1) or self._abort.is_set():
+                        return False
 
     def _begin_stopping(self, now):
         """Stop claiming; daemon tasks are terminated, critical ones awaited."""
@@ -6491,7 +6510,11 @@ def main(argv=None):
         return 1
     if not isinstance(manager, Manager):  # the app uses another copy of castor
         return sys.modules[type(manager).__module__].main(argv)
-    return _COMMANDS[command or "worker"](manager, args)
+    try:
+        return _COMMANDS[command or "worker"](manager, args)
+    except StoreError as exc:  # a server down, a full disk: said in one line
+        sys.stderr.write(f"castor: error: {exc}\n")
+        return 1
 
 
 def _load_app(target, imports=()):

@@ -3693,6 +3693,27 @@ def test_delay_during_an_outage_raises_after_a_bounded_wait(pg_project, pg_serve
     assert proj.mod.add.delay(3, 3).join(timeout=20) == 6
 
 
+def test_a_worker_started_while_the_server_is_down_waits_for_it(pg_project, pg_server):
+    if not pg_server.can_restart:
+        no_infrastructure("the server of CASTOR_TEST_PG_DSN cannot be stopped by the tests")
+    proj, _ = pg_project
+    handle = proj.mod.work.delay(1, 0)
+    pg_server.stop("immediate")
+    try:
+        worker = proj.start("--workers", "1", wait=False)
+        wait_for(lambda: "Store error:" in proj.output(worker)[1], what="the worker waiting")
+        assert worker.poll() is None
+        done = run_cli("tasks", f"{proj.module}:manager", cwd=proj.path, timeout=60)
+        assert done.returncode == 1 and done.stderr.startswith("castor: error: ")
+        assert "Traceback" not in done.stderr
+        assert pg_server.password not in done.stderr
+    finally:
+        pg_server.start_again()
+    assert handle.join(timeout=60) == [1, "here"]
+    code, _, err = proj.stop(worker)
+    assert code == 0 and "Traceback" not in err, err
+
+
 def test_credentials_never_show(pg_project, pg_server, tmp_path):
     proj, _ = pg_project
     password = pg_server.password
