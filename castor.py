@@ -731,6 +731,19 @@ def _priority(value):
     return value
 
 
+def _no_task_has(text):
+    """Whether ``text`` holds a NUL character or a lone surrogate: no task id
+    or name does (PostgreSQL's text and SQLite's UTF-8 cannot even be asked
+    about a lone surrogate), so a lookup finds nothing rather than failing."""
+    if "\0" in text:
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _row_count(value, what):
     """A row count or offset: an int both stores' integers hold."""
     if not 0 <= _int(value, what) < 2 ** 63:
@@ -1902,11 +1915,15 @@ class _SqliteTasks(_SqliteFile):
 
     @_sqlite_errors
     def get(self, task_id):
+        if _no_task_has(task_id):
+            return None
         row = self.conn.execute(_GET_DOC, (task_id,)).fetchone()
         return None if row is None else _load_doc(task_id, row[0])
 
     @_sqlite_errors
     def list(self, status, name, limit, offset):
+        if name is not None and _no_task_has(name):
+            return []
         terms, params = [], []
         if status is not None:
             terms.append(f"j.status = '{status}'")  # a literal: checked against STATUSES
@@ -1945,6 +1962,8 @@ class _SqliteTasks(_SqliteFile):
 
     @_sqlite_errors
     def cancel(self, task_id, now):
+        if _no_task_has(task_id):
+            return False
         with self._write() as conn:
             row = conn.execute("SELECT status FROM castor_jobs WHERE id = ?", (task_id,)).fetchone()
             if row is None or row[0] in FINISHED:
@@ -1962,6 +1981,10 @@ class _SqliteTasks(_SqliteFile):
 
     @_sqlite_errors
     def requeue(self, ids, status, name, now):
+        if ids is not None:
+            ids = [task_id for task_id in ids if not _no_task_has(task_id)]
+        if ids == [] or name is not None and _no_task_has(name):
+            return []
         with self._write() as conn:
             if ids is not None:
                 marks = ",".join("?" * len(ids))
@@ -2782,11 +2805,15 @@ class _PgTasks(_PgConnections):
         return self._do(work)
 
     def get(self, task_id):
+        if _no_task_has(task_id):  # then no task has it
+            return None
         row = self._do(lambda cur: cur.execute(
             "SELECT doc FROM castor_tasks WHERE id = %s", (task_id,)).fetchone(), block=False)
         return None if row is None else _load_doc(task_id, row[0])
 
     def list(self, status, name, limit, offset):
+        if name is not None and _no_task_has(name):  # then no task has it
+            return []
         terms, params = ["true"], []
         if status is not None:
             terms.append("status = %s" + (" AND finished IS NOT NULL" if status in FINISHED
@@ -2822,6 +2849,9 @@ class _PgTasks(_PgConnections):
         return self._do(work)
 
     def cancel(self, task_id, now):
+        if _no_task_has(task_id):  # then no task has it
+            return False
+
         def work(cur):
             row = cur.execute("SELECT status, doc FROM castor_tasks WHERE id = %s FOR UPDATE",
                               (task_id,)).fetchone()
@@ -2839,6 +2869,11 @@ class _PgTasks(_PgConnections):
         return self._do(work)
 
     def requeue(self, ids, status, name, now):
+        if ids is not None:
+            ids = [task_id for task_id in ids if not _no_task_has(task_id)]
+        if ids == [] or name is not None and _no_task_has(name):  # then no task has it
+            return []
+
         def work(cur):
             if ids is not None:
                 rows = cur.execute("SELECT id, status, doc FROM castor_tasks WHERE id = ANY(%s) "

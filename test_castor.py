@@ -1316,6 +1316,16 @@ def test_priorities_either_store_holds_and_no_other(project):
     assert project.manager.counts()["pending"] == 2
 
 
+def test_ids_and_names_no_task_can_have_are_simply_not_found(project):
+    manager, handle = project.manager, project.mod.add.delay(1, 2)
+    for odd in ("a\x00b", "\udcff"):  # a NUL, a lone surrogate
+        assert manager.get_task_by_id(odd) is None
+        assert manager.tasks(name=odd) == []
+        assert manager.requeue(name=odd) == 0
+        assert TaskHandle(manager, odd).cancel() is False
+    assert manager.get_task_by_id(handle.id) == handle
+
+
 def test_symlinked_database_path_is_resolved(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
