@@ -419,7 +419,10 @@ class Task:
             "attempts": 0, "retries": self.retries, "losses": 0, "worker": None,
             "progress": None,
         }
-        raw = _to_json(doc, f"the arguments of {self.name}")
+        where = f"the arguments of {self.name}"
+        raw = _to_json(doc, where)
+        _check_keys(args, where)
+        _check_keys(kwargs.values(), where)
         self._check_size(raw, doc)
         return _NewTask(doc, raw, eta, self._unique_key(args, kwargs))
 
@@ -488,6 +491,7 @@ class _Batch:
     def __call__(self, args):
         doc = dict(self.proto, id=_new_id(), args=list(args))
         encoded = _to_json(doc["args"], self.where)
+        _check_keys(args, self.where)
         raw = f'{self.before}"{doc["id"]}"{self.middle}{encoded}{self.after}'
         self.task._check_size(raw, doc)
         return _NewTask(doc, raw, self.now, self.task._unique_key(args, {}))
@@ -880,6 +884,26 @@ def _to_json(value, where):
                            "themselves") from None
 
 
+def _check_keys(values, where):
+    """Refuse a dict key in the user's ``values`` (arguments, a result) that
+    is not a str: JSON would make 1, 1.5, True and None strings, and {1: "a",
+    "1": "b"} would lose an entry. Call it once ``values`` encoded, so it
+    cannot contain itself."""
+    todo = [value for value in values if isinstance(value, _CONTAINERS)]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    raise NotJSONError(f"the dict key {key!r} (type {type(key).__name__}) in "
+                                       f"{where} is not JSON: keys must be str")
+            item = item.values()
+        todo += [inner for inner in item if isinstance(inner, _CONTAINERS)]
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
 def _iso(ts):
     """ISO-8601 UTC, as in the design plan: 2025-09-25T16:04:14.123456Z."""
     seconds = math.floor(ts)
@@ -940,7 +964,9 @@ async def _execute_async(task, args, kwargs, ctx, limit):
 def _success(task, result, limit):
     if _small_scalar(result, limit):
         return {"ok": True, "result": result}
-    size = len(_to_json(result, f"the result of {task.name}"))
+    where = f"the result of {task.name}"
+    size = len(_to_json(result, where))
+    _check_keys((result,), where)
     if size > limit:
         raise PayloadTooLarge(f"the result of {task.name} is {size:,} bytes of JSON, over the "
                               f"limit of {limit:,} (Manager(max_payload=...))")

@@ -220,6 +220,11 @@ def not_json():
     return {"when": object()}
 
 
+@manager.task(mode="thread")
+def int_keys():
+    return {1: "one", "1": "also one"}
+
+
 @manager.task(mode="process")
 def suicide():
     os._exit(3)
@@ -1190,6 +1195,14 @@ def test_delay_refuses_non_json_and_enqueues_nothing(project):
         mod.add.delay(itself, 1)
     with pytest.raises(NotJSONError):  # PostgreSQL: found when most of the batch was sent
         mod.add.map([(i, i) for i in range(castor.PG_COPY_AT)] + [(object(), 2), (1, 1)])
+    for keys in ({1: "int one", "1": "str one"}, [{"x": {None: 2}}], {True: 1}):
+        # JSON makes such keys strings: {1: .., "1": ..} would lose an entry.
+        with pytest.raises(NotJSONError, match="the dict key .* in the arguments of .*str"):
+            mod.add.delay(keys, 1)
+        with pytest.raises(NotJSONError, match="the dict key"):
+            mod.add.delay(1, b=keys)
+        with pytest.raises(NotJSONError, match="the dict key"):
+            mod.add.map([(1, 1), (keys, 1)])
     assert project.manager.counts()["pending"] == 0 and project.manager.tasks() == []
     if project.mod.db is not None:  # and nothing half-written in the beaver file
         assert len(project.mod.db.dict("castor_tasks")) == 0
@@ -1407,6 +1420,9 @@ def test_result_that_is_not_json_fails_clearly(project):
     project.start("--workers", "1")
     with pytest.raises(NotJSONError, match="result of .*not_json.*not JSON"):
         project.mod.not_json.delay().join(timeout=20)
+    with pytest.raises(NotJSONError,
+                       match=r"the dict key 1 \(type int\) in the result of .*int_keys"):
+        project.mod.int_keys.delay().join(timeout=20)
 
 
 def test_async_resolve_does_not_block_the_loop(project):
