@@ -430,7 +430,8 @@ class Task:
         if len(raw) > self.manager.max_payload:
             size = len(_dumps([doc["args"], doc["kwargs"]]))
             raise PayloadTooLarge(f"the arguments of {self.name} are {size:,} bytes of JSON, "
-                                  f"over the limit of {self.manager.max_payload:,} "
+                                  f"which make a task document of {len(raw):,}, over the "
+                                  f"limit of {self.manager.max_payload:,} "
                                   "(Manager(max_payload=...))")
 
     def _unique_key(self, args, kwargs):

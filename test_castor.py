@@ -3421,8 +3421,13 @@ def test_payload_limits(make_project):
     proj = make_project(PAYLOAD_APP)
     mod = proj.mod
     with pytest.raises(castor.PayloadTooLarge, match=r"arguments of .*echo_small are 5,0\d\d "
-                       r"bytes of JSON, over the limit of 2,000"):
+                       r"bytes of JSON, which make a task document of 5,\d\d\d, over the "
+                       r"limit of 2,000"):
         mod.echo_small.delay("x" * 5000)
+    # Near the limit, castor's own fields tip it over: the message says so.
+    with pytest.raises(castor.PayloadTooLarge, match=r"are 1,9\d\d bytes of JSON, which make "
+                       r"a task document of 2,\d\d\d, over the limit of 2,000"):
+        mod.echo_small.delay("x" * 1950)
     assert proj.manager.counts()["pending"] == 0
     with pytest.raises(castor.PayloadTooLarge, match="over the limit of 16,777,216"):
         mod.add.delay("y" * 20_000_000, "")  # the default limit: 16 MiB
