@@ -992,8 +992,20 @@ def _run_inline_attempt(task, doc):
     ctx = TaskContext(doc["id"], task.name, doc["attempts"])
     limit = task.manager.max_payload
     if task.mode != "async":
-        return _execute(task, doc["args"], doc["kwargs"], ctx, limit)
-    return _run_coroutine(lambda: _execute_async(task, doc["args"], doc["kwargs"], ctx, limit))
+        reply = _execute(task, doc["args"], doc["kwargs"], ctx, limit)
+    else:
+        reply = _run_coroutine(lambda: _inline_async(task, doc, ctx, limit))
+    if ctx._progress is not None:  # kept in the document, as a worker keeps it
+        doc["progress"] = ctx._progress
+    return reply
+
+
+async def _inline_async(task, doc, ctx, limit):
+    import asyncio
+    try:
+        return await _execute_async(task, doc["args"], doc["kwargs"], ctx, limit)
+    except asyncio.CancelledError:  # nobody else can cancel it here
+        return _failed("the task's coroutine was cancelled by its own code")
 
 
 def _run_coroutine(make):
@@ -1006,11 +1018,19 @@ def _run_coroutine(make):
     except RuntimeError:
         return asyncio.run(make())
     box = []
-    helper = threading.Thread(target=lambda: box.append(asyncio.run(make())),
-                              name="castor-immediate")
+
+    def run():
+        try:
+            box.append((asyncio.run(make()), None))
+        except BaseException as exc:  # raised in the caller's thread, as without a loop
+            box.append((None, exc))
+    helper = threading.Thread(target=run, name="castor-immediate")
     helper.start()
     helper.join()
-    return box[0]
+    result, exc = box[0]
+    if exc is not None:
+        raise exc
+    return result
 
 
 def _error_data(exc, tb=None):

@@ -2868,6 +2868,26 @@ def test_immediate_mode_runs_async_tasks_from_sync_and_async_callers(tmp_path):
         async def handler():  # as in a FastAPI handler: a loop is running here
             return double.delay(5).join(), await double.delay(6).resolve()
         assert asyncio.run(handler()) == (10, 12)
+
+        @manager.task(mode="async")
+        async def cancels_itself():
+            raise asyncio.CancelledError()
+
+        @manager.task(mode="async")
+        async def reports(n):
+            castor.current_task().progress(n, n, "all done")
+            return n
+
+        async def in_a_handler():
+            return cancels_itself.delay()
+        # As a worker has it: a failure, stored; not the caller's CancelledError.
+        for handle in (cancels_itself.delay(), asyncio.run(in_a_handler())):
+            with pytest.raises(TaskError, match="cancelled by its own code"):
+                handle.join()
+        progress = reports.delay(3).progress()
+        assert {k: progress[k] for k in ("done", "total", "message")} == {
+            "done": 3, "total": 3, "message": "all done"}
+        assert manager.counts()["failed"] == 2
     finally:
         db.close()
 
