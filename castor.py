@@ -2717,6 +2717,8 @@ class _PgConnections(_Store):
                         conn.transaction() if block else contextlib.nullcontext()):
                     return work(conn.cursor())
             except psycopg.OperationalError as exc:  # down, unreachable, restarted
+                if (exc.sqlstate or "").startswith("54"):  # a limit of the server's: no outage
+                    raise StoreError(self.explain(exc)) from None
                 if time.monotonic() + pause > deadline:
                     raise StoreError(self.explain(exc)) from None
             except psycopg.DataError as exc:  # a value jsonb refuses
@@ -2756,8 +2758,9 @@ class _PgTasks(_PgConnections):
     def enqueue(self, new):
         for item in new:
             _pg_check_storable(item.raw, f"the arguments of {item.doc['task_name']}")
-        if all(item.unique_key is None for item in new):  # one statement
-            return self._do(lambda cur: self._add(cur, new), block=False)
+        if all(item.unique_key is None for item in new):  # one statement, unless huge
+            return self._do(lambda cur: self._add(cur, new),
+                            block=sum(len(item.raw) for item in new) > PG_BATCH_BYTES)
         return self._do(lambda cur: self._add(cur, new), pipeline=True)
 
     def enqueue_batch(self, make, batch):
@@ -2794,10 +2797,11 @@ class _PgTasks(_PgConnections):
                     batch[item.unique_key] = item.doc["id"]
             ids.append(task_id)
         if fresh and all(item.unique_key is None for item in fresh):
-            cur.execute(_PG_ADD_NOTIFY, _pg_columns(fresh, time.time()))
+            for chunk in _pg_chunks(fresh):
+                cur.execute(_PG_ADD_NOTIFY, _pg_columns(chunk, time.time()))
         elif fresh:
-            added = {task_id for (task_id,) in cur.execute(
-                _PG_ADD + " RETURNING id", _pg_columns(fresh, time.time())).fetchall()}
+            added = {task_id for chunk in _pg_chunks(fresh) for (task_id,) in cur.execute(
+                _PG_ADD + " RETURNING id", _pg_columns(chunk, time.time())).fetchall()}
             cur.execute(_PG_NOTIFY)
             twins = {item.doc["id"]: self._twin(cur, item) for item in fresh
                      if item.doc["id"] not in added and item.unique_key is not None}
@@ -2999,12 +3003,14 @@ class _PostgresStore(_PgTasks):
             del progress[task_id]
 
     def _send_record(self, conn, worker_id, outcomes):
-        """Send the fenced update of the outcomes (and their counts); its cursor."""
-        if not outcomes:
-            return None
+        """Send the fenced updates of the outcomes (and their counts); their cursors."""
         clock = time.time()
         for outcome in outcomes:
             _pg_storable_outcome(outcome)
+        return [self._send_record_of(conn, worker_id, chunk, clock)
+                for chunk in _pg_chunks(outcomes)]
+
+    def _send_record_of(self, conn, worker_id, outcomes, clock):
         # One JSON array, not four typed ones: psycopg dumps arrays in Python.
         fields = _dumps([[o.doc["id"], o.doc["status"], o.lease,
                           0.0 if o.retry_at is None else o.retry_at - clock] for o in outcomes])
@@ -3012,10 +3018,10 @@ class _PostgresStore(_PgTasks):
                                          worker_id, _pg_shard(worker_id)))
 
     def _sort_outcomes(self, cur, worker_id, outcomes, recorded, done):
-        """Recorded or refused (their lease moved on), from the update's answer."""
-        if recorded is None:
+        """Recorded or refused (their lease moved on), from the updates' answers."""
+        if not recorded:
             return
-        held = {task_id for (task_id,) in recorded.fetchall()}
+        held = {task_id for cursor in recorded for (task_id,) in cursor.fetchall()}
         held |= self._recorded_before(cur, worker_id, [o for o in outcomes if o.doc["id"]
                                                        not in held])
         for outcome in outcomes:
@@ -3163,6 +3169,25 @@ def _pg_name(params):
     user = f"{params['user']}@" if params.get("user") else ""
     port = f":{params['port']}" if params.get("port") else ""
     return f"postgresql://{user}{params.get('host', 'localhost')}{port}/{params.get('dbname', '')}"
+
+
+#: The most JSON one statement sends as one array of documents (a .map(),
+#: a worker's outcomes): PostgreSQL refuses a jsonb value over 256 MiB.
+PG_BATCH_BYTES = 64 * 2 ** 20
+
+
+def _pg_chunks(items):
+    """``items`` (each with its JSON in .raw) in runs of at most PG_BATCH_BYTES
+    (a bigger one alone)."""
+    chunk, size = [], 0
+    for item in items:
+        if chunk and size + len(item.raw) > PG_BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item.raw)
+    if chunk:
+        yield chunk
 
 
 def _pg_columns(new, clock):

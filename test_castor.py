@@ -3706,6 +3706,44 @@ def test_a_unique_delay_racing_a_re_drive_of_its_twin_returns_the_twin(pg_projec
     assert proj.manager.counts()["pending"] == 1
 
 
+def test_big_batches_go_in_parts_and_a_server_limit_is_no_outage(pg_project, monkeypatch):
+    """PostgreSQL refuses a jsonb value over 256 MiB: a .map() or a worker's
+    outcomes that big go in several statements (here made small), in one
+    transaction; and such a refusal fails at once, not as a server down."""
+    proj, _ = pg_project
+    store, add = proj.manager._store, proj.mod.work
+    monkeypatch.setattr(castor, "PG_BATCH_BYTES", 3000)
+    handles = add.map([(i, "x" * 300) for i in range(30)])  # about 20 statements
+    unique = proj.manager.task(mode="thread", unique=True)(lambda i, pad: i)
+    assert unique.map([(i % 10, "y" * 300) for i in range(30)]) == unique.map(
+        [(i, "y" * 300) for i in range(10)]) * 3
+    assert proj.manager.counts()["pending"] == 40
+    now = time.time()
+    store.register("w1", {}, now)
+    claimed = store.exchange("w1", [], {}, {"thread": (100, 100)}, {}, now).claimed["thread"]
+    outcomes = []
+    for doc, lease, _ in claimed:
+        castor._finish_doc(doc, {"ok": True, "result": "z" * 300}, now)
+        outcomes.append(castor._Outcome(doc, json.dumps(doc), None, lease))
+    assert len(store.exchange("w1", outcomes, {}, {}, {}, now).recorded) == 40
+    assert proj.manager.counts()["success"] == 40
+    assert all(h.info()["result"] == "z" * 300 for h in handles)
+
+    monkeypatch.setattr(castor, "PG_OUTAGE_WAIT", 300.0)  # an outage would wait this long
+    failed = []
+
+    def over_a_limit():
+        try:
+            store._do(lambda cur: cur.execute("SELECT concat(" + ",".join(["1"] * 101) + ")"))
+        except Exception as exc:
+            failed.append(exc)
+    limit = threading.Thread(target=over_a_limit)
+    limit.start()
+    wait_for(lambda: not limit.is_alive(), timeout=60, what="the refusal, without waiting")
+    assert isinstance(failed[0], castor.StoreError), failed
+    assert "more than 100 arguments" in str(failed[0])
+
+
 def test_a_pipeline_without_begin_and_commit_is_still_one_transaction(pg_project):
     """The exchange records and claims in a pipeline with no BEGIN or COMMIT:
     its statements must still commit or fail together, and leave the
