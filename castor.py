@@ -392,6 +392,10 @@ class Task:
         now = time.time()
         eta = _eta(now, delay, at)
         prio = self.priority if priority is None else _priority(priority)
+        if not isinstance(args, (tuple, list)):  # "abc" would be three arguments
+            raise TypeError(f"args must be a tuple or a list, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
         new = self._new(tuple(args), dict(kwargs or {}), now, eta, prio)
         if self.manager.immediate:
             return self._run_inline(new.doc)

@@ -1317,6 +1317,17 @@ def test_unreasonable_durations_are_refused(project):
             project.mod.add.schedule((1, 2), delay=bad)
 
 
+def test_schedule_takes_args_as_a_tuple_or_list_and_kwargs_as_a_dict(project):
+    add = project.mod.add
+    with pytest.raises(TypeError, match="args must be a tuple or a list, not str"):
+        add.schedule("ab")  # not add("a", "b")
+    with pytest.raises(TypeError, match="kwargs must be a dict, not list"):
+        add.schedule((), [("a", 1), ("b", 2)])
+    assert project.manager.counts()["pending"] == 0
+    assert add.schedule([1, 2]).info()["args"] == [1, 2]
+    assert add.schedule(kwargs={"a": 1, "b": 2}).info()["kwargs"] == {"a": 1, "b": 2}
+
+
 def test_priorities_either_store_holds_and_no_other(project):
     for bad in (2 ** 31, -2 ** 31 - 1, 2 ** 70):
         with pytest.raises(ValueError, match="priority must be from -2..31 to 2..31 - 1"):
