@@ -398,6 +398,7 @@ class Task:
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
         new = self._new(tuple(args), dict(kwargs or {}), now, eta, prio)
         if self.manager.immediate:
+            self.manager._store.check_storable(new.raw, f"the arguments of {self.name}")
             return self._run_inline(new.doc)
         return self._handles(self.manager._store.enqueue([new]))[0]
 
@@ -1440,6 +1441,10 @@ class _Store:
         """Record a pending task that ran in the caller's process (a retry in
         immediate mode) as finished; False if it was no longer pending."""
         raise NotImplementedError
+
+    def check_storable(self, raw, where):
+        """Refuse a new task's document this store cannot hold (immediate mode
+        asks before it runs the task, as enqueue would)."""
 
     def get(self, task_id):
         """A task document, or None."""
@@ -2834,30 +2839,38 @@ class _PgTasks(_PgConnections):
                           "('pending', 'running')", (item.unique_key,)).fetchone()
         return row[0] if row else None
 
-    def put_finished(self, doc):
-        raw = _dumps(doc)
-        _pg_check_storable(raw, f"the outcome of {doc['task_name']}")
+    def check_storable(self, raw, where):
+        _pg_check_storable(raw, where)
 
-        def work(cur):
+    def put_finished(self, doc):
+        def work(cur, raw):
             cur.execute(f"INSERT INTO castor_tasks (id, name, mode, status, finished, doc) "
                         f"VALUES (%s, %s, %s, %s, {_PG_NOW}, %s::jsonb) ON CONFLICT DO NOTHING",
                         (doc["id"], doc["task_name"], doc["mode"], doc["status"], raw))
             if cur.rowcount:
                 _pg_bump(cur, {doc["status"]: 1})
-        self._do(work)
+        self._put_outcome(doc, work)
 
     def finish_pending(self, doc):
-        raw = _dumps(doc)
-        _pg_check_storable(raw, f"the outcome of {doc['task_name']}")
-
-        def work(cur):
+        def work(cur, raw):
             cur.execute(f"UPDATE castor_tasks SET status = %s, finished = {_PG_NOW}, "
                         "doc = %s::jsonb WHERE id = %s AND status = 'pending'",
                         (doc["status"], raw, doc["id"]))
             if cur.rowcount:
                 _pg_bump(cur, {doc["status"]: 1})
             return cur.rowcount == 1
-        return self._do(work)
+        return self._put_outcome(doc, work)
+
+    def _put_outcome(self, doc, work):
+        """``work(cur, raw)`` with an immediate mode run's document, made
+        storable as a worker's outcome is (see _pg_storable_outcome)."""
+        outcome = _Outcome(doc, _dumps(doc), None, 0)
+        _pg_storable_outcome(outcome)
+        try:
+            return self._do(lambda cur: work(cur, outcome.raw))
+        except _Unstorable:  # a lone surrogate
+            self._make_storable([outcome], {})
+            return self._do(lambda cur: work(cur, outcome.raw))
 
     def get(self, task_id):
         if _no_task_has(task_id):  # then no task has it

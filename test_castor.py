@@ -1292,6 +1292,26 @@ def test_immediate_mode_runs_inline(tmp_path, store):
         assert manager.requeue(name=flaky.name) == 1  # the failed one, run again at once
         assert [h.status() for h in twice] == ["success", "success"]
         assert manager.counts()["success"] == 6 and manager.counts()["failed"] == 1
+        # What PostgreSQL's JSON cannot hold: arguments refused before the task
+        # runs; an outcome stored as a worker would store it.
+        ran = []
+
+        @manager.task(mode="thread")
+        def odd(text):
+            ran.append(text)
+            if text == "raise":
+                raise ValueError("bad byte: \x00")
+            return "surrogate: \udcff" if text == "surrogate" else "nul: \x00"
+
+        if store is not None:
+            with pytest.raises(NotJSONError, match="NUL character"):
+                odd.delay("\x00")
+            assert ran == []
+        # The file holds any of them; PostgreSQL fails such a result, saying why.
+        held = "failed" if store else "success"
+        assert [odd.delay(text).status() for text in ("raise", "nul", "surrogate")] == [
+            "failed", held, held]
+        assert ran == ["raise", "nul", "surrogate"]
     finally:
         db.close()
         manager.close()
