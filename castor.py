@@ -3226,10 +3226,25 @@ def _pg_local_time(row):
 
 
 def _pg_check_storable(raw, where):
-    # jsonb refuses the NUL character; JSON allows it, so say so plainly.
+    # jsonb refuses the NUL character and lone surrogates; JSON allows them,
+    # so say so plainly.
     if _has_nul(raw):
         raise NotJSONError(f"{where} contain the NUL character (\\u0000), which PostgreSQL "
                            "cannot store in JSON")
+    if _has_lone_surrogate(raw):
+        raise NotJSONError(f"{where} contain a lone surrogate (text that is not valid "
+                           "Unicode, as os.fsdecode makes of some file names), which "
+                           "PostgreSQL cannot store in JSON")
+
+
+def _has_lone_surrogate(raw):
+    if "\\ud" not in raw:  # every surrogate is escaped so, paired or not
+        return False
+    try:  # rare: an emoji, say, escaped as a pair; decode, and see what is left
+        json.dumps(json.loads(raw), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 #: The escape of a NUL character in JSON text: ``\u0000`` after an even number

@@ -1306,6 +1306,8 @@ def test_immediate_mode_runs_inline(tmp_path, store):
         if store is not None:
             with pytest.raises(NotJSONError, match="NUL character"):
                 odd.delay("\x00")
+            with pytest.raises(NotJSONError, match="lone surrogate"):
+                odd.delay("\udcff")
             assert ran == []
         # The file holds any of them; PostgreSQL fails such a result, saying why.
         held = "failed" if store else "success"
