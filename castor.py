@@ -4899,6 +4899,10 @@ class _ProcessSlot(threading.Thread):
                 chunk = os.read(fd, 65536) if ready else None
             except (OSError, ValueError):  # killed and closed meanwhile
                 return b""
+            if chunk is None and child.poll() is not None:
+                # Dead, yet the pipe stays open: processes it forked hold it.
+                _kill_group(child)
+                return b""
             if chunk == b"":
                 return b""
             if chunk:
@@ -5014,8 +5018,14 @@ def _child_main():
     """Entry point of a pool child: run jobs from stdin until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown is the worker's call
     config = json.loads(sys.argv[-1])
+    # The pipes move off fds 0 and 1, where the tasks and whatever they start
+    # would write into the replies or read jobs meant for us.
     out = _ChildOut(os.fdopen(os.dup(1), "w"))
-    os.dup2(2, 1)  # the tasks' prints must not corrupt the replies
+    jobs = os.fdopen(os.dup(0), "rb")
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     sys.path[:0] = [p for p in config["path"] if p not in sys.path]
     _watch_parent(os.getppid())  # before the user's code, which could hang
     try:
@@ -5024,7 +5034,7 @@ def _child_main():
         out.send({"fatal": f"{type(exc).__name__}: {exc}"})
         return
     out.send({"ready": True})
-    for line in _read_jobs(sys.stdin.buffer):
+    for line in _read_jobs(jobs):
         out.send(_child_run(manager, line, out, config["limit"]))
 
 
@@ -5107,6 +5117,8 @@ def _watch_parent(parent):
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
+        with contextlib.suppress(OSError):  # what the task started goes too: we lead
+            os.killpg(0, signal.SIGKILL)    # our own session (see _spawn_child)
         os._exit(1)
     threading.Thread(target=watch, name="castor-watch-parent", daemon=True).start()
 

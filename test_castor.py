@@ -1655,6 +1655,32 @@ def stuck_process():
     time.sleep(60)
 
 
+@manager.task(mode="process")
+def runs_cat():
+    """A tool that reads its stdin to the end, as a shell pipeline would."""
+    import subprocess
+    return subprocess.run(["cat"], capture_output=True, timeout=10).stdout.decode()
+
+
+@manager.task(mode="process")
+def dies_leaving_a_fork():
+    import signal
+    helper = os.fork()
+    if helper == 0:  # holds every file the task had open, the reply pipe too
+        time.sleep(60)
+        os._exit(0)
+    mark(f"fork:{helper}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@manager.task(mode="process")
+def starts_a_sleeper():
+    import subprocess
+    sleeper = subprocess.Popen(["sleep", "600"])
+    mark(f"sleeper:{sleeper.pid}")
+    time.sleep(600)
+
+
 @manager.task(mode="thread", timeout=0.3)
 def stuck_thread():
     time.sleep(6)
@@ -1782,6 +1808,42 @@ def test_periodic_task_once_per_period_with_two_workers(make_project):
     assert len(docs) >= 4 and {d["status"] for d in docs} <= {"success", "running", "pending"}
     with pytest.raises(ValueError, match="no arguments"):
         proj.manager.task(mode="thread", every=5)(lambda x: x)
+
+
+@pytest.mark.beaver_only
+def test_what_a_process_task_starts_reads_no_job_meant_for_its_process(make_project):
+    """The jobs queued behind it sit in its process's pipe: a tool reading
+    stdin must find nothing there, not those jobs."""
+    proj = make_project(FEATURES)
+    cat = proj.mod.runs_cat.delay()
+    behind = [proj.mod.process_pid.delay() for _ in range(3)]
+    proj.start("--workers", "1")
+    assert cat.join(timeout=30) == ""
+    assert all(h.join(timeout=30) for h in behind)
+
+
+@pytest.mark.beaver_only
+def test_a_process_task_that_dies_while_its_fork_lives_is_noticed(make_project):
+    proj = make_project(FEATURES)
+    proj.start("--workers", "1")
+    with pytest.raises(TaskError, match="process died"):
+        proj.mod.dies_leaving_a_fork.delay().join(timeout=30)
+    (helper,) = [int(label[5:]) for label in proj.labels() if label.startswith("fork:")]
+    wait_for(lambda: not alive(helper), what="the fork to go with its process group")
+    assert proj.mod.add.delay(1, 2).join(timeout=30) == 3
+
+
+@pytest.mark.beaver_only
+def test_kill_9_of_the_worker_takes_what_its_process_tasks_started(make_project):
+    proj = make_project(FEATURES)
+    worker = proj.start("--workers", "1")
+    proj.mod.starts_a_sleeper.delay()
+    wait_for(lambda: any(label.startswith("sleeper:") for label in proj.labels()),
+             what="the task's own process")
+    (sleeper,) = [int(label[8:]) for label in proj.labels() if label.startswith("sleeper:")]
+    worker.kill()
+    worker.wait()
+    wait_for(lambda: not alive(sleeper), what="the task's process to go with its pool process")
 
 
 @pytest.mark.beaver_only
