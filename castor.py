@@ -1996,13 +1996,21 @@ class _SqliteTasks(_SqliteFile):
     def counts(self):
         counts = dict.fromkeys(STATUSES, 0)
         conn = self.conn
-        # Both walk a partial index that holds only unfinished tasks.
-        for status, index in (("pending", "castor_jobs_eta"), ("running", "castor_jobs_running")):
-            counts[status] = conn.execute(
-                f"SELECT count(*) FROM castor_jobs INDEXED BY {index} "
-                f"WHERE status = '{status}'").fetchone()[0]
-        for status, n in conn.execute("SELECT status, n FROM castor_stats"):
-            counts[status] = n
+        own = not conn.in_transaction
+        if own:
+            conn.execute("BEGIN")  # one snapshot: the counts add up even during a drain
+        try:
+            # Both walk a partial index that holds only unfinished tasks.
+            for status, index in (("pending", "castor_jobs_eta"),
+                                  ("running", "castor_jobs_running")):
+                counts[status] = conn.execute(
+                    f"SELECT count(*) FROM castor_jobs INDEXED BY {index} "
+                    f"WHERE status = '{status}'").fetchone()[0]
+            for status, n in conn.execute("SELECT status, n FROM castor_stats"):
+                counts[status] = n
+        finally:
+            if own:
+                conn.execute("COMMIT")
         return counts
 
     @_sqlite_errors
@@ -2647,6 +2655,13 @@ WITH v AS (  -- documents, and [id, status, lease, delay] of each: two JSON arra
 )
 SELECT id FROM recorded"""
 
+#: pending, running, and {status: n} of finished tasks, in one snapshot.
+_PG_COUNTS = """
+SELECT (SELECT count(*) FROM castor_tasks WHERE status = 'pending'),
+       (SELECT count(*) FROM castor_tasks WHERE status = 'running'),
+       (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM
+           (SELECT status, sum(n) AS n FROM castor_stats GROUP BY status) AS s)"""
+
 _PG_PROGRESS = ("UPDATE castor_tasks SET doc = jsonb_set(doc, '{progress}', %s::jsonb) "
                 "WHERE id = %s AND status = 'running'")
 #: The next due time, as seconds from now; no row when nothing is pending.
@@ -2898,13 +2913,11 @@ class _PgTasks(_PgConnections):
 
     def counts(self):
         def work(cur):
-            counts = dict.fromkeys(STATUSES, 0)
-            for status in ("pending", "running"):  # small partial indexes
-                counts[status] = cur.execute("SELECT count(*) FROM castor_tasks WHERE "
-                                             "status = %s", (status,)).fetchone()[0]
-            counts.update(cur.execute("SELECT status, sum(n)::bigint FROM castor_stats "
-                                      "GROUP BY status").fetchall())
-            return counts
+            # One statement, so one snapshot: three would each see a drain at
+            # another moment, and the counts would not add up.
+            pending, running, finished = cur.execute(_PG_COUNTS).fetchone()
+            return dict(dict.fromkeys(STATUSES, 0), pending=pending, running=running,
+                        **{status: int(n) for status, n in finished.items()})
         return self._do(work)
 
     def prune(self, before):
@@ -5301,7 +5314,13 @@ class _Dashboard:
 
 
 def _in_foreground(fd):
-    return os.tcgetpgrp(fd) == os.getpgrp()
+    """Whether this process group owns the terminal ``fd``; False when it is
+    not our controlling terminal at all (``setsid castor -i``): then its
+    settings are left alone."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
 
 
 class _LogTail(logging.Handler):

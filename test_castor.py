@@ -1339,6 +1339,21 @@ def test_unreasonable_durations_are_refused(project):
             project.mod.add.schedule((1, 2), delay=bad)
 
 
+def test_counts_add_up_while_a_drain_runs(project):
+    """counts() reads one snapshot: read piece by piece during a drain, a task
+    could be counted twice (pending, then success) or not at all."""
+    n = 2000
+    project.mod.add.map([(i, i) for i in range(n)])
+    project.start("--workers", "1", "--threads", "4")
+    sums, deadline = collections.Counter(), time.monotonic() + 120
+    while time.monotonic() < deadline:
+        counts = project.manager.counts()
+        sums[sum(counts.values())] += 1
+        if counts["success"] == n:
+            break
+    assert counts["success"] == n and set(sums) == {n}, sums
+
+
 def test_schedule_takes_args_as_a_tuple_or_list_and_kwargs_as_a_dict(project):
     add = project.mod.add
     with pytest.raises(TypeError, match="args must be a tuple or a list, not str"):
@@ -4860,7 +4875,7 @@ def _take_terminal():
 class PtyWorker:
     """A ``castor -i`` worker in a pseudo-terminal, and the screen it draws."""
 
-    def __init__(self, project, *flags, size=(80, 24), env=None):
+    def __init__(self, project, *flags, size=(80, 24), env=None, controlling=True):
         self.master, slave = pty.openpty()
         self.screen = Screen(*size)
         self.raw = bytearray()
@@ -4871,7 +4886,7 @@ class PtyWorker:
         self.proc = subprocess.Popen(
             dashboard_command(project, *flags), cwd=project.path, env=env,
             stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True, preexec_fn=_take_terminal)
+            start_new_session=True, preexec_fn=_take_terminal if controlling else None)
         os.close(slave)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -5050,6 +5065,14 @@ def test_dashboard_fills_a_big_terminal_and_follows_a_resize(project, terminal):
 
 
 @pytest.mark.beaver_only
+def test_dashboard_on_a_terminal_that_is_not_its_controlling_one(project, terminal):
+    term = terminal(controlling=False)  # as `setsid castor -i` in a terminal
+    term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
+    assert project.mod.add.delay(1, 2).join(timeout=10) == 3
+    term.proc.send_signal(signal.SIGINT)  # no Ctrl+C: the terminal is not ours
+    assert term.finish() == 0
+
+
 def test_dashboard_honours_no_color(project, terminal):
     term = terminal(env={"NO_COLOR": "1"})
     term.wait_screen(lambda text: "Status: Running" in text, "the dashboard")
