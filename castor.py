@@ -4766,6 +4766,7 @@ class _ProcessSlot(threading.Thread):
         self.buffer = b""  # what the child wrote that is not a whole line yet
         self.started = None  # when the child began the first job in flight
         self.killed_for = None  # the job another thread killed the child to stop
+        self.spawning = None  # a child still importing the app
         self.closing = self.draining = False
         self._lock = threading.Lock()
 
@@ -4929,9 +4930,15 @@ class _ProcessSlot(threading.Thread):
                 return self.child
             if self.closing:
                 raise CastorError("the worker is shutting down")
-            self.child, self.buffer = _spawn_child(self.pool.config), b""
-            self.killed_for = None
+            try:
+                self.child = _spawn_child(self.pool.config, self._spawning)
+            finally:
+                self.spawning = None
+            self.buffer, self.killed_for = b"", None
             return self.child
+
+    def _spawning(self, child):
+        self.spawning = child  # stop() can kill it while it imports, without the lock
 
     def kill_child(self):
         with self._lock:
@@ -4943,6 +4950,9 @@ class _ProcessSlot(threading.Thread):
     def stop(self, kill):
         import subprocess
         self.closing = True
+        spawning = self.spawning
+        if spawning is not None:  # still importing the app, with no job: it may hang
+            _kill_group(spawning)
         if not kill:
             self.join(timeout=5)
         child = self.child
@@ -4961,7 +4971,9 @@ def _kill_group(child):
         os.killpg(child.pid, signal.SIGKILL)
 
 
-def _spawn_child(config):
+def _spawn_child(config, spawning=lambda child: None):
+    """A new pool process, once it has imported the app; ``spawning(child)``
+    hears of it before that."""
     import subprocess
     boot = (f"import sys; sys.path.insert(0, {_own_root()!r}); import importlib; "
             f"importlib.import_module({_own_name()!r})._child_main()")
@@ -4969,6 +4981,7 @@ def _spawn_child(config):
     child = subprocess.Popen([sys.executable, "-c", boot, _dumps(config)], bufsize=0,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              start_new_session=True, env=dict(os.environ, CASTOR_POOL_CHILD="1"))
+    spawning(child)
     ready, _, _ = select.select([child.stdout], [], [], CHILD_START_TIMEOUT)
     line = child.stdout.readline() if ready else b""
     hello = json.loads(line) if line else {"fatal": "no answer from the new process"}

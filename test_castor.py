@@ -1861,6 +1861,25 @@ def test_kill_9_of_the_worker_takes_what_its_process_tasks_started(make_project)
     wait_for(lambda: not alive(sleeper), what="the task's process to go with its pool process")
 
 
+SLOW_CHILD_APP = """
+if os.environ.get("CASTOR_POOL_CHILD"):
+    mark(f"importing:{os.getpid()}")
+    time.sleep(600)  # a pool process's import of the app that never ends
+"""
+
+
+@pytest.mark.beaver_only
+def test_a_worker_stops_while_its_pool_process_is_still_importing(make_project):
+    proj = make_project(SLOW_CHILD_APP)
+    worker = proj.start("--workers", "1")
+    wait_for(lambda: any(label.startswith("importing:") for label in proj.labels()),
+             what="a pool process importing the app")
+    (child,) = [int(label[10:]) for label in proj.labels() if label.startswith("importing:")]
+    code, _, err = proj.stop(worker, signal.SIGTERM)  # its own deadline: 30 s
+    assert code == 0, err
+    wait_for(lambda: not alive(child), what="the importing process to go")
+
+
 @pytest.mark.beaver_only
 def test_process_timeout_kills_and_replaces_the_process(make_project):
     proj = make_project(FEATURES)
