@@ -3699,15 +3699,18 @@ class Worker:
                         return False
 
     def _begin_stopping(self, now):
-        """Stop claiming; daemon tasks are terminated, critical ones awaited."""
+        """Stop claiming; daemon tasks are terminated, critical ones awaited.
+        Tasks claimed ahead that have not started are given back instead:
+        another worker can run them now."""
         self.state = "Stopping"
-        logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
-                    sum(1 for run in self._runs.values() if not run.daemon))
         for pool in self._pools.values():
-            waiting = pool.stop_daemons([run for run in self._runs.values()
-                                         if run.daemon and run.mode == pool.mode])
+            runs = [run for run in self._runs.values() if run.mode == pool.mode]
+            waiting = pool._withdraw([run for run in runs if not run.daemon])
+            waiting += pool.stop_daemons([run for run in runs if run.daemon])
             for run in waiting:  # never started: back to pending when the worker leaves
                 del self._runs[run.id]
+        logger.info("Shutting down: waiting for %d running task(s); Ctrl+C again to exit now",
+                    sum(1 for run in self._runs.values() if not run.daemon))
 
     def _shutdown(self, forced):
         """Leave nothing behind: children killed, outcomes kept, the rest given back."""

@@ -3408,6 +3408,24 @@ def test_reaping_gives_a_dead_workers_task_back(project):
     assert store.workers() == []
 
 
+def test_a_graceful_stop_gives_back_the_tasks_it_claimed_ahead(project):
+    """Stop waits for the running task, not for those claimed behind it: they
+    go back to pending, where another worker takes them at once."""
+    handles = project.mod.sleepy.map([(1.0, f"s{i}") for i in range(6)])
+    first = project.start("--workers", "1", "--threads", "1")
+    wait_for(lambda: "s0:start" in project.labels(), what="the first task running")
+    assert project.manager.counts()["running"] >= 2  # one running, more claimed ahead
+    code, _, err = project.stop(first, signal.SIGTERM)
+    assert code == 0, err
+    runs = project.runs()
+    assert [label for label, pid, _ in runs if pid == first.pid] == ["s0:start", "s0:end"]
+    assert project.manager.counts()["pending"] == 5 and handles[0].join(timeout=1) == 1.0
+    project.start("--workers", "1", "--threads", "2")
+    assert [h.join(timeout=60) for h in handles] == [1.0] * 6
+    starts = collections.Counter(label for label, _, _ in project.runs() if label.endswith("start"))
+    assert set(starts.values()) == {1} and len(starts) == 6  # each ran once
+
+
 @pytest.mark.beaver_only
 def test_a_full_pool_waits_without_spinning(project):
     worker = project.start("--workers", "1", "--threads", "1")
