@@ -1886,6 +1886,7 @@ class _SqliteFile(_Store):
         conn = self.conn
         return conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes
 
+    @_sqlite_errors
     def news(self):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]  # our own: see touch()
 
