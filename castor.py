@@ -754,6 +754,14 @@ def _no_task_has(text):
     return False
 
 
+def _findable(ids, name):
+    """A re-drive's ``ids`` less those no task has, and whether it can find
+    anything at all (see _no_task_has)."""
+    if ids is not None:
+        ids = [task_id for task_id in ids if not _no_task_has(task_id)]
+    return ids, ids != [] and (name is None or not _no_task_has(name))
+
+
 def _row_count(value, what):
     """A row count or offset: an int both stores' integers hold."""
     if not 0 <= _int(value, what) < 2 ** 63:
@@ -2046,9 +2054,8 @@ class _SqliteTasks(_SqliteFile):
 
     @_sqlite_errors
     def requeue(self, ids, status, name, now):
-        if ids is not None:
-            ids = [task_id for task_id in ids if not _no_task_has(task_id)]
-        if ids == [] or name is not None and _no_task_has(name):
+        ids, findable = _findable(ids, name)
+        if not findable:
             return []
         with self._write() as conn:
             if ids is not None:
@@ -2951,9 +2958,8 @@ class _PgTasks(_PgConnections):
         return self._do(work)
 
     def requeue(self, ids, status, name, now):
-        if ids is not None:
-            ids = [task_id for task_id in ids if not _no_task_has(task_id)]
-        if ids == [] or name is not None and _no_task_has(name):  # then no task has it
+        ids, findable = _findable(ids, name)
+        if not findable:
             return []
 
         def work(cur):
@@ -3026,10 +3032,9 @@ class _PostgresStore(_PgTasks):
             except _Unstorable:
                 return False
         for outcome in outcomes:
-            if not storable(outcome.raw) and not (_pg_clean_error(outcome)
-                                                  and storable(outcome.raw)):
-                _make_failed(outcome, "the result cannot be stored in PostgreSQL's JSON "
-                                      "(a lone surrogate or a NUL character in a string)")
+            _pg_make_storable(outcome, lambda raw: not storable(raw),
+                              "the result cannot be stored in PostgreSQL's JSON "
+                              "(a lone surrogate or a NUL character in a string)")
         for task_id in [key for key, report in progress.items() if not storable(_dumps(report))]:
             del progress[task_id]
 
@@ -3271,11 +3276,16 @@ def _has_nul(raw):
 
 
 def _pg_storable_outcome(outcome):
-    """An outcome PostgreSQL cannot store becomes one that can be: a failure's
-    error made printable, else a failure that says why."""
-    if _has_nul(outcome.raw) and not (_pg_clean_error(outcome) and not _has_nul(outcome.raw)):
-        _make_failed(outcome, "the result contains the NUL character (\\u0000), which "
-                              "PostgreSQL cannot store in JSON")
+    _pg_make_storable(outcome, _has_nul, "the result contains the NUL character (\\u0000), "
+                      "which PostgreSQL cannot store in JSON")
+
+
+def _pg_make_storable(outcome, unstorable, why):
+    """An outcome PostgreSQL cannot store (``unstorable(raw)``) becomes one that
+    can be: a failure's error made printable, else a failure that says ``why``."""
+    if unstorable(outcome.raw) and not (_pg_clean_error(outcome)
+                                        and not unstorable(outcome.raw)):
+        _make_failed(outcome, why)
 
 
 def _pg_clean_error(outcome):
