@@ -1825,6 +1825,12 @@ def test_periodic_task_once_per_period_with_two_workers(make_project):
         proj.manager.task(mode="thread", every=5)(lambda x: x)
 
 
+def marked_pids(proj, what):
+    """The pids marked as ``what:PID`` in runs.log."""
+    return [int(label.partition(":")[2]) for label in proj.labels()
+            if label.startswith(what + ":")]
+
+
 @pytest.mark.beaver_only
 def test_what_a_process_task_starts_reads_no_job_meant_for_its_process(make_project):
     """The jobs queued behind it sit in its process's pipe: a tool reading
@@ -1843,7 +1849,7 @@ def test_a_process_task_that_dies_while_its_fork_lives_is_noticed(make_project):
     proj.start("--workers", "1")
     with pytest.raises(TaskError, match="process died"):
         proj.mod.dies_leaving_a_fork.delay().join(timeout=30)
-    (helper,) = [int(label[5:]) for label in proj.labels() if label.startswith("fork:")]
+    (helper,) = marked_pids(proj, "fork")
     wait_for(lambda: not alive(helper), what="the fork to go with its process group")
     assert proj.mod.add.delay(1, 2).join(timeout=30) == 3
 
@@ -1853,9 +1859,8 @@ def test_kill_9_of_the_worker_takes_what_its_process_tasks_started(make_project)
     proj = make_project(FEATURES)
     worker = proj.start("--workers", "1")
     proj.mod.starts_a_sleeper.delay()
-    wait_for(lambda: any(label.startswith("sleeper:") for label in proj.labels()),
-             what="the task's own process")
-    (sleeper,) = [int(label[8:]) for label in proj.labels() if label.startswith("sleeper:")]
+    wait_for(lambda: marked_pids(proj, "sleeper"), what="the task's own process")
+    (sleeper,) = marked_pids(proj, "sleeper")
     worker.kill()
     worker.wait()
     wait_for(lambda: not alive(sleeper), what="the task's process to go with its pool process")
@@ -1872,9 +1877,8 @@ if os.environ.get("CASTOR_POOL_CHILD"):
 def test_a_worker_stops_while_its_pool_process_is_still_importing(make_project):
     proj = make_project(SLOW_CHILD_APP)
     worker = proj.start("--workers", "1")
-    wait_for(lambda: any(label.startswith("importing:") for label in proj.labels()),
-             what="a pool process importing the app")
-    (child,) = [int(label[10:]) for label in proj.labels() if label.startswith("importing:")]
+    wait_for(lambda: marked_pids(proj, "importing"), what="a pool process importing the app")
+    (child,) = marked_pids(proj, "importing")
     code, _, err = proj.stop(worker, signal.SIGTERM)  # its own deadline: 30 s
     assert code == 0, err
     wait_for(lambda: not alive(child), what="the importing process to go")
